@@ -1,0 +1,127 @@
+"""The single entry points model code calls. Each op validates its arguments, then runs the fast
+kernel registered for the tensors' device (see :mod:`ul_fast.ops.dispatch`) or the reference in
+:mod:`ul_fast.ops.reference`, which is the specification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ul_fast.ops import reference
+from ul_fast.ops.dispatch import implementation
+
+__all__ = [
+    "adaln_layernorm",
+    "alpha_sigma",
+    "attention",
+    "diffusion_loss",
+    "draw_seed",
+    "fourier_features",
+    "gaussian_noise",
+    "logsnr_embed",
+    "noise_inject",
+    "reference",
+]
+
+alpha_sigma = reference.alpha_sigma
+fourier_features = reference.fourier_features
+gaussian_noise = reference.gaussian_noise
+SEED_HIGH = 2**62
+
+
+def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh noise seed as an int64 tensor ``[1]`` on ``device``, drawn from torch's generator.
+
+    Drawing on the device (not from the host clock) keeps ``torch.manual_seed`` reproducible and makes
+    the noise ops CUDA-graph safe.
+    """
+    return torch.randint(0, SEED_HIGH, (1,), device=device, generator=generator, dtype=torch.int64)
+
+
+def _check_per_example(name: str, values: torch.Tensor, x: torch.Tensor) -> None:
+    if values.dim() != 1 or values.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have shape [B] = [{x.shape[0]}] (one value per example), "
+                         f"got {tuple(values.shape)}")
+    if values.device != x.device:
+        raise ValueError(f"{name} is on {values.device} but x is on {x.device}")
+
+
+def _check_seed(seed: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("seed must be an int64 tensor with one element (use ul_fast.ops.draw_seed)")
+    if seed.device != x.device:
+        raise ValueError(f"seed is on {seed.device} but x is on {x.device}")
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def noise_inject(
+    x: torch.Tensor, logsnr: torch.Tensor, seed: torch.Tensor, return_noise: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``z = α(λ_b)·x + σ(λ_b)·ε``, ε regenerable from ``seed``; see :func:`reference.noise_inject`."""
+    _check_float("x", x)
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    _check_per_example("logsnr", logsnr, x)
+    _check_seed(seed, x)
+    return implementation("noise_inject", x.device.type)(x, logsnr, seed, return_noise)
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    logsnr: torch.Tensor,
+    neg_dlogsnr_dt: torch.Tensor,
+    seed: torch.Tensor,
+    prediction: str = "v",
+    loss_factor: float = 1.0,
+    bias: float | None = None,
+) -> torch.Tensor:
+    """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` in nats; see :func:`reference.diffusion_loss`."""
+    _check_float("pred", pred)
+    _check_float("x", x)
+    if pred.shape != x.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and x {tuple(x.shape)} must have the same shape")
+    _check_per_example("logsnr", logsnr, x)
+    _check_per_example("neg_dlogsnr_dt", neg_dlogsnr_dt, x)
+    _check_seed(seed, x)
+    if prediction not in ("v", "eps"):
+        raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
+    if not loss_factor > 0:
+        raise ValueError(f"loss_factor must be > 0, got {loss_factor}")
+    return implementation("diffusion_loss", x.device.type)(
+        pred, x, logsnr, neg_dlogsnr_dt, seed, prediction, float(loss_factor),
+        None if bias is None else float(bias))
+
+
+def logsnr_embed(
+    logsnr: torch.Tensor, frequencies: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``SiLU(W·[sin λf, cos λf] + b)``: ``[B]`` → ``[B, N]``; see :func:`reference.logsnr_embed`."""
+    if logsnr.dim() != 1:
+        raise ValueError(f"logsnr must have shape [B], got {tuple(logsnr.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != 2 * frequencies.numel():
+        raise ValueError(f"weight must have shape [N, 2F] = [N, {2 * frequencies.numel()}], "
+                         f"got {tuple(weight.shape)}")
+    return implementation("logsnr_embed", logsnr.device.type)(logsnr, frequencies, weight, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention on ``[B, S, H, D]`` tensors; see :func:`reference.attention`."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all have shape [B, S, H, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    return implementation("attention", q.device.type)(q, k, v)
+
+
+def adaln_layernorm(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``LayerNorm(x)·(1 + scale) + shift``; x ``[B, S, C]``, scale/shift ``[B, C]``."""
+    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
+        raise ValueError(f"adaln_layernorm expects x [B, S, C] and scale, shift [B, C]; got x "
+                         f"{tuple(x.shape)}, scale {tuple(scale.shape)}, shift {tuple(shift.shape)}")
+    return implementation("adaln_layernorm", x.device.type)(x, scale, shift, eps)
