@@ -5,4 +5,7 @@ imported; the dispatcher imports them lazily, once, and falls back to the refere
 one fails to load.
 """
 
-BACKEND_MODULES: tuple[str, ...] = ()
+BACKEND_MODULES: tuple[str, ...] = (
+    "ul_fast.kernels.triton_attention",
+    "ul_fast.kernels.triton_adaln",
+)

@@ -1,0 +1,260 @@
+"""Fused adaLN-modulated LayerNorm in Triton for ``ul_fast.ops.adaln_layernorm``.
+
+``y = LayerNorm(x)·(1 + scale) + shift`` with x ``[B, S, C]`` (any batch/sequence strides, contiguous
+channels), per-example scale and shift ``[B, C]`` (row strides allowed, e.g. chunks of one modulation
+projection), no affine; y ``[B, S, C]`` contiguous in x's dtype. Statistics and arithmetic in fp32.
+
+One pass each way: the forward reads x once and writes y; the backward reads x and dy once, recomputes
+the row statistics (cheaper than storing them: the row is in registers anyway), writes dx, and reduces
+``dscale = Σ_s dy·x̂`` and ``dshift = Σ_s dy`` per example through fp32 partial sums per chunk of rows
+(deterministic, no atomics), summed by a tiny torch reduction.
+
+Layers: kernels → ``torch.ops.ul_fast.adaln_layernorm`` / ``adaln_layernorm_backward`` custom ops →
+:func:`adaln_layernorm` → registered as the CUDA implementation of ``ul_fast.ops.adaln_layernorm``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ul_fast.ops import reference
+from ul_fast.ops.dispatch import register
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: without it nothing is registered
+    triton = None
+
+__all__ = ["MAX_CHANNELS", "adaln_layernorm", "is_supported"]
+
+MAX_CHANNELS = 16384  # a whole row lives in registers
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def is_supported(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle these arguments (else use the reference)."""
+    return (triton is not None and x.dim() == 3 and x.numel() > 0 and 0 < x.shape[2] <= MAX_CHANNELS
+            and x.dtype in DTYPES and scale.dtype in DTYPES and shift.dtype in DTYPES
+            and (x.is_cuda or INTERPRET))
+
+
+def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> None:
+    if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
+        raise ValueError(f"adaln_layernorm expects x [B, S, C] and scale, shift [B, C]; got x "
+                         f"{tuple(x.shape)}, scale {tuple(scale.shape)}, shift {tuple(shift.shape)}")
+    for name, t in (("x", x), ("scale", scale), ("shift", shift)):
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if x.shape[2] > MAX_CHANNELS:
+        raise ValueError(f"x has C = {x.shape[2]} channels; the Triton kernel supports at most {MAX_CHANNELS}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def _check_runnable(x: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("ul_fast Triton adaLN LayerNorm needs the triton package")
+    if not x.is_cuda and not INTERPRET:
+        raise RuntimeError(f"Triton adaLN LayerNorm runs on CUDA tensors (got {x.device}); set "
+                           "TRITON_INTERPRET=1 before importing ul_fast to run it in the interpreter on CPU")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_tile(X, b, s0, stride_xb, stride_xs, offs_r, offs_c, S, C):
+        """Pointers and mask of the ``[ROWS, BLOCK_C]`` tile of rows s0.. of example b."""
+        rows = s0 + offs_r
+        mask = (rows < S)[:, None] & (offs_c < C)[None, :]
+        ptrs = X + b * stride_xb + rows[:, None].to(tl.int64) * stride_xs + offs_c[None, :]
+        return ptrs, mask
+
+    @triton.jit
+    def _normalize(x, mask, C, eps):
+        """fp32 ``x̂`` and ``1/σ`` of each row of a tile (masked lanes give x̂ = 0)."""
+        mean = tl.sum(x, 1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+        return xc * rstd[:, None], rstd
+
+    @triton.jit
+    def _adaln_fwd(X, SCALE, SHIFT, Y, S, C, stride_xb, stride_xs, stride_sb, stride_tb, eps,
+                   BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+        """Grid (cdiv(S, ROWS), B): ROWS rows of one example; Y is contiguous [B, S, C]."""
+        b = tl.program_id(1).to(tl.int64)
+        s0 = tl.program_id(0) * ROWS
+        offs_r = tl.arange(0, ROWS)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        gain = 1.0 + tl.load(SCALE + b * stride_sb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        bias = tl.load(SHIFT + b * stride_tb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        ptrs, mask = _row_tile(X, b, s0, stride_xb, stride_xs, offs_r, offs_c, S, C)
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        xhat, _ = _normalize(x, mask, C, eps)
+        y = xhat * gain[None, :] + bias[None, :]
+        y_ptrs, _ = _row_tile(Y, b, s0, S * C, C, offs_r, offs_c, S, C)
+        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _adaln_bwd(X, SCALE, DY, DX, DSCALE_PART, DSHIFT_PART, S, C, rows_per_chunk,
+                   stride_xb, stride_xs, stride_sb, stride_db, stride_ds, eps,
+                   BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+        """Grid (n_chunks, B): rows [chunk·rows_per_chunk, …) of example b. Writes dx (contiguous like y)
+        and this chunk's partial sums ``Σ dy·x̂``, ``Σ dy`` to ``*_PART[b, chunk, :]`` (fp32)."""
+        chunk = tl.program_id(0)
+        n_chunks = tl.num_programs(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_r = tl.arange(0, ROWS)
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        gain = 1.0 + tl.load(SCALE + b * stride_sb + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        dscale = tl.zeros([BLOCK_C], tl.float32)
+        dshift = tl.zeros([BLOCK_C], tl.float32)
+        s_begin = chunk * rows_per_chunk
+        s_end = tl.minimum(s_begin + rows_per_chunk, S)
+        for s0 in range(s_begin, s_end, ROWS):
+            x_ptrs, mask = _row_tile(X, b, s0, stride_xb, stride_xs, offs_r, offs_c, s_end, C)
+            dy_ptrs, _ = _row_tile(DY, b, s0, stride_db, stride_ds, offs_r, offs_c, s_end, C)
+            x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+            xhat, rstd = _normalize(x, mask, C, eps)
+            dscale += tl.sum(dy * xhat, 0)
+            dshift += tl.sum(dy, 0)
+            # dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) / σ with dx̂ = dy·(1 + scale)
+            dxhat = dy * gain[None, :]
+            c1 = tl.sum(dxhat * xhat, 1) / C
+            c2 = tl.sum(dxhat, 1) / C
+            dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            dx_ptrs, _ = _row_tile(DX, b, s0, S * C, C, offs_r, offs_c, s_end, C)
+            tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+        part = (b * n_chunks + chunk) * C + offs_c
+        tl.store(DSCALE_PART + part, dscale, mask=c_ok)
+        tl.store(DSHIFT_PART + part, dshift, mask=c_ok)
+
+
+def _launch_shape(C: int) -> tuple[int, int, int]:
+    """(BLOCK_C, ROWS per tile, num_warps): tiles of about 4096 fp32 values per program iteration."""
+    block_c = triton.next_power_of_2(C)
+    rows = 2 if INTERPRET else max(1, min(16, 4096 // block_c))
+    warps = 4 if block_c * rows <= 4096 else 8 if block_c * rows <= 8192 else 16
+    return block_c, rows, warps
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_runnable(x)
+    x, scale, shift = (_rows_contiguous(t) for t in (x, scale, shift))
+    B, S, C = x.shape
+    y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    block_c, rows, warps = _launch_shape(C)
+    _adaln_fwd[(triton.cdiv(S, rows), B)](x, scale, shift, y, S, C, x.stride(0), x.stride(1),
+                                          scale.stride(0), shift.stride(0), eps,
+                                          BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+    return y
+
+
+def _n_chunks(B: int, S: int, rows: int, device: torch.device) -> int:
+    """Row chunks per example: enough programs to fill the GPU (about 16 per SM), at least ``rows``
+    rows each so the partial sums stay small next to dx."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, -(-16 * sms // B))
+    return max(1, min(want, -(-S // rows)))
+
+
+def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_runnable(x)
+    x, scale, grad_y = (_rows_contiguous(t) for t in (x, scale, grad_y))
+    B, S, C = x.shape
+    block_c, rows, warps = _launch_shape(C)
+    n_chunks = _n_chunks(B, S, rows, x.device)
+    rows_per_chunk = -(-S // n_chunks)
+    rows_per_chunk = -(-rows_per_chunk // rows) * rows  # whole tiles per chunk
+    n_chunks = -(-S // rows_per_chunk)
+    dx = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+    # two buffers, not views of one: custom-op outputs must not alias each other
+    dscale_part = torch.empty((B, n_chunks, C), dtype=torch.float32, device=x.device)
+    dshift_part = torch.empty_like(dscale_part)
+    _adaln_bwd[(n_chunks, B)](x, scale, grad_y, dx, dscale_part, dshift_part, S, C, rows_per_chunk,
+                              x.stride(0), x.stride(1), scale.stride(0), grad_y.stride(0), grad_y.stride(1),
+                              eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+    return dx, dscale_part.sum(1).to(scale.dtype), dshift_part.sum(1)
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("ul_fast::adaln_layernorm", mutates_args=())
+def adaln_layernorm_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LayerNorm(x)·(1 + scale) + shift``: x ``[B, S, C]``, scale/shift ``[B, C]`` → ``[B, S, C]``."""
+    return _forward(x, scale, shift, eps)
+
+
+@adaln_layernorm_op.register_fake
+def _adaln_layernorm_fake(x, scale, shift, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("ul_fast::adaln_layernorm_backward", mutates_args=())
+def adaln_layernorm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx [B, S, C] in x.dtype, dscale [B, C] in scale.dtype, dshift [B, C] fp32)``."""
+    return _backward(grad_y, x, scale, eps)
+
+
+@adaln_layernorm_backward_op.register_fake
+def _adaln_layernorm_backward_fake(grad_y, x, scale, eps):
+    B, S, C = x.shape
+    return x.new_empty((B, S, C)), scale.new_empty((B, C)), scale.new_empty((B, C), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, shift, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps = eps
+    ctx.shift_dtype = shift.dtype
+
+
+def _adaln_layernorm_grad(ctx, grad_y):
+    x, scale = ctx.saved_tensors
+    dx, dscale, dshift = torch.ops.ul_fast.adaln_layernorm_backward(grad_y, x, scale, ctx.eps)
+    return dx, dscale, dshift.to(ctx.shift_dtype), None
+
+
+adaln_layernorm_op.register_autograd(_adaln_layernorm_grad, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- functional API and dispatch
+
+
+def adaln_layernorm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``LayerNorm(x)·(1 + scale) + shift`` (fp32 statistics, no affine), differentiable in x, scale, shift.
+
+    x ``[B, S, C]``; scale, shift ``[B, C]`` → ``[B, S, C]`` in x.dtype. Runs on CUDA tensors, or on CPU
+    tensors under ``TRITON_INTERPRET=1``.
+    """
+    _check_inputs(x, scale, shift, eps)
+    _check_runnable(x)
+    return torch.ops.ul_fast.adaln_layernorm(x, scale, shift, float(eps))
+
+
+if triton is not None:
+
+    @register("adaln_layernorm", "cuda")
+    def adaln_layernorm_cuda(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                             eps: float = 1e-6) -> torch.Tensor:
+        """``ul_fast.ops.adaln_layernorm`` on CUDA: the fused kernel where it applies, else the reference."""
+        if is_supported(x, scale, shift):
+            return torch.ops.ul_fast.adaln_layernorm(x, scale, shift, float(eps))
+        return reference.adaln_layernorm(x, scale, shift, eps)
