@@ -1,0 +1,130 @@
+"""Deterministic, resumable, shardable stream of shuffled batches.
+
+The stream is the endless concatenation of one random permutation of the dataset per epoch; a global
+batch is the next ``batch_size`` indices of it (a batch may span two epochs, so no example is dropped and
+any dataset size works). The permutation of epoch ``e`` is drawn from a generator seeded by
+``(seed, e)``, so the position ``(epoch, offset)`` is the whole state: restoring it reproduces every later
+batch exactly, and nothing large is stored.
+
+With ``world_size > 1`` every rank walks the same global stream and takes its contiguous slice
+``[rank * b, (rank + 1) * b)`` of each global batch (``b = batch_size // world_size``). All ranks hold the
+same state, so rank 0's ``state_dict()`` resumes every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dataset import ImageArrayDataset
+
+__all__ = ["BatchStream"]
+
+_STATE_VERSION = 1
+
+
+class BatchStream:
+    """Endless shuffled batches from an :class:`ImageArrayDataset`.
+
+    Args:
+        dataset: the data; ``len(dataset) >= 1``.
+        batch_size: GLOBAL batch size (summed over ranks); must be divisible by ``world_size``.
+        seed: the shuffling seed (an int >= 0).
+        rank, world_size: this process's shard of each global batch.
+    """
+
+    def __init__(self, dataset: ImageArrayDataset, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"BatchStream: batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"BatchStream: world_size must be a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"BatchStream: rank must be in [0, world_size={world_size}), got {rank!r}")
+        if batch_size % world_size:
+            raise ValueError(f"BatchStream: batch_size={batch_size} (global) must be divisible by "
+                             f"world_size={world_size}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"BatchStream: seed must be an int >= 0, got {seed!r}")
+        if len(dataset) < 1:
+            raise ValueError("BatchStream: dataset is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // world_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.offset = 0  # index into the current epoch's permutation
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.int64)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """Dataset indices in epoch order: int64 ``[len(dataset)]``, a function of (seed, epoch)."""
+        if epoch != self._perm_epoch:
+            # SeedSequence mixes (seed, epoch) into well-separated generator seeds.
+            key = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+            g = torch.Generator().manual_seed(key)
+            self._perm = torch.randperm(len(self.dataset), generator=g)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_global_indices(self) -> torch.Tensor:
+        """Advance by one global batch; returns its dataset indices, int64 ``[batch_size]``."""
+        n = len(self.dataset)
+        parts = []
+        need = self.batch_size
+        while need:
+            take = min(need, n - self.offset)
+            parts.append(self.permutation(self.epoch)[self.offset:self.offset + take])
+            self.offset += take
+            need -= take
+            if self.offset == n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return torch.cat(parts)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch.
+
+        Returns ``(images [b, C, H, W] float32 in [-1, 1], labels [b] int64)``, ``b = batch_size //
+        world_size``; labels are -1 for unlabeled data.
+        """
+        idx = self.next_global_indices()
+        lo = self.rank * self.local_batch_size
+        idx = idx[lo:lo + self.local_batch_size]
+        images = self.dataset.images[idx]
+        if self.dataset.labels is None:
+            labels = torch.full((idx.numel(),), -1, dtype=torch.int64)
+        else:
+            labels = self.dataset.labels[idx]
+        return images, labels
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the stream (plain ints; JSON- and torch.save-friendly)."""
+        return {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "offset": self.offset,
+                "dataset_len": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` (from any rank / world size / batch size)."""
+        missing = {"version", "seed", "epoch", "offset", "dataset_len"} - set(state)
+        if missing:
+            raise ValueError(f"BatchStream.load_state_dict: state is missing {sorted(missing)}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"BatchStream.load_state_dict: state version {state['version']} is not "
+                             f"{_STATE_VERSION}")
+        if state["dataset_len"] != len(self.dataset):
+            raise ValueError(f"BatchStream.load_state_dict: state was saved for a dataset of "
+                             f"{state['dataset_len']} examples, this one has {len(self.dataset)}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"BatchStream.load_state_dict: state was saved with seed={state['seed']}, "
+                             f"this stream has seed={self.seed}")
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if epoch < 0 or not 0 <= offset < len(self.dataset):
+            raise ValueError(f"BatchStream.load_state_dict: invalid position epoch={epoch}, offset={offset}")
+        self.epoch, self.offset = epoch, offset
