@@ -1,0 +1,28 @@
+"""Diffusion math: log-SNR schedules and variance-preserving identities."""
+
+from ul_fast.diffusion.math import (
+    antithetic_times,
+    coefficients,
+    eps_from_v,
+    per_example,
+    prior_kl,
+    sigmoid_crossover,
+    v_target,
+    x_from_eps,
+    x_from_v,
+)
+from ul_fast.diffusion.schedules import (
+    SCHEDULE_KINDS,
+    CosineSchedule,
+    InterpolatedCosineSchedule,
+    LinearSchedule,
+    LogSNRSchedule,
+    make_schedule,
+    resolution_shift,
+)
+
+__all__ = [
+    "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
+    "antithetic_times", "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl",
+    "resolution_shift", "sigmoid_crossover", "v_target", "x_from_eps", "x_from_v",
+]

@@ -1,0 +1,73 @@
+"""Variance-preserving diffusion identities (VDM notation, Kingma et al. 2021).
+
+``x_t = α·x + σ·ε``, ``α² = sigmoid(λ)``, ``σ² = sigmoid(−λ)``, ``v = α·ε − σ·x``. Per-example
+coefficients ``α, σ`` have shape ``[B]`` and broadcast over the example's dimensions.
+The weighted ELBO integrand itself is the op :func:`ul_fast.ops.diffusion_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ul_fast.ops.reference import alpha_sigma
+
+
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` → ``[B, 1, …, 1]`` broadcasting over ``like``."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def coefficients(logsnr: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``α, σ`` for per-example ``logsnr [B]``, shaped to broadcast over ``like``."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return per_example(alpha, like), per_example(sigma, like)
+
+
+def x_from_v(x_t: torch.Tensor, v: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """``x̂ = α·x_t − σ·v̂``."""
+    alpha, sigma = coefficients(logsnr, x_t)
+    return alpha * x_t - sigma * v
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """``ε̂ = σ·x_t + α·v̂``."""
+    alpha, sigma = coefficients(logsnr, x_t)
+    return sigma * x_t + alpha * v
+
+
+def v_target(x: torch.Tensor, eps: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """``v = α·ε − σ·x``."""
+    alpha, sigma = coefficients(logsnr, x)
+    return alpha * eps - sigma * x
+
+
+def x_from_eps(x_t: torch.Tensor, eps: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+    """``x̂ = (x_t − σ·ε̂) / α``."""
+    alpha, sigma = coefficients(logsnr, x_t)
+    return (x_t - sigma * eps) / alpha
+
+
+def prior_kl(x: torch.Tensor, logsnr_min: float) -> torch.Tensor:
+    """``KL[q(x_1|x) ‖ N(0, I)]`` in nats per example, at ``λ(1) = logsnr_min``.
+
+    ``½·Σ(α_1²·x² + σ_1² − log σ_1² − 1)`` summed over all but the batch dimension; fp32 ``[B]``.
+    """
+    lam = torch.tensor(float(logsnr_min), dtype=torch.float64)
+    alpha_sq, sigma_sq = torch.sigmoid(lam), torch.sigmoid(-lam)
+    constant = float(sigma_sq - torch.log(sigma_sq) - 1.0)
+    x = x.float().reshape(x.shape[0], -1)
+    return 0.5 * (float(alpha_sq) * x.square() + constant).sum(dim=1)
+
+
+def antithetic_times(batch: int, device: torch.device | str, generator: torch.Generator | None = None,
+                     ) -> torch.Tensor:
+    """Low-discrepancy times ``t_i = (u + i/B) mod 1`` with one ``u ~ U(0, 1)``; fp32 ``[B]``."""
+    u = torch.rand((), device=device, generator=generator)
+    return torch.remainder(u + torch.arange(batch, device=device, dtype=torch.float32) / batch, 1.0)
+
+
+def sigmoid_crossover(loss_factor: float, bias: float) -> float:
+    """The log-SNR ``λ* = b + log(c_lf − 1)`` where ``c_lf·sigmoid(b − λ) = 1`` (needs ``c_lf > 1``)."""
+    if loss_factor <= 1:
+        raise ValueError(f"the crossover exists only for loss_factor > 1, got {loss_factor}")
+    return bias + float(torch.log(torch.tensor(loss_factor - 1.0)))

@@ -1,0 +1,230 @@
+"""The Unified Latents model: encoder, fixed-noise latent, diffusion prior, diffusion decoder, base model.
+
+Shapes: images ``x [B, C, H, W]`` in [−1, 1]; latents ``[B, C_z, h, w]`` with ``h = H / f``. Losses are
+nats per example (summed over the example's dimensions), averaged over the batch only at the end, so the
+prior's and the decoder's terms are on one scale (the meaning of ``c_lf`` depends on it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ul_fast import ops
+from ul_fast.config import ModelConfig
+from ul_fast.diffusion import antithetic_times, make_schedule, prior_kl, x_from_eps, x_from_v
+from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
+from ul_fast.sampling import logsnr_grid, sample
+
+LN2 = math.log(2.0)
+
+
+class UnifiedLatents(nn.Module):
+    """Stage 1 trains encoder, prior and decoder together; stage 2 trains the base model on frozen latents.
+
+    One number, ``latent_logsnr_0`` (λ_z(0)), sets both the encoder's output noise and the top of the
+    prior's and base model's schedules; it is read from the config in one place and cannot drift.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = ResNetEncoder(c.image_channels, c.latent_channels, tuple(c.encoder.channels),
+                                     tuple(c.encoder.blocks_per_stage), c.encoder.patch)
+        self.latent_size = c.image_size // self.encoder.downsample_factor
+
+        def vit(v, **extra) -> ViTDenoiser:
+            return ViTDenoiser(c.latent_channels, self.latent_size, tuple(v.widths), tuple(v.depths), v.head_dim,
+                               v.patch, v.mlp_ratio, v.dropout, **extra)
+
+        self.prior = vit(c.prior)
+        self.base = vit(c.base, num_classes=c.num_classes, context_dim=c.context_dim)
+        d = c.decoder
+        self.decoder = UViTDecoder(c.image_channels, c.image_size, c.latent_channels, d.patch,
+                                   tuple(d.conv_channels), d.blocks_per_stage, d.width, d.depth, d.head_dim,
+                                   d.mlp_ratio, d.dropout)
+        self.latent_logsnr_0 = c.latent_logsnr_0
+        self.latent_schedule = make_schedule(c.latent_schedule, c.latent_logsnr_min, self.latent_logsnr_0,
+                                             self.latent_size, c.pixel_base_resolution,
+                                             c.pixel_low_snr_base_resolution)
+        self.pixel_schedule = make_schedule(c.pixel_schedule, c.pixel_logsnr_min, c.pixel_logsnr_max,
+                                            c.image_size, c.pixel_base_resolution, c.pixel_low_snr_base_resolution)
+
+    # ----------------------------------------------------------------------------- shapes and checks
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.image_channels, self.config.image_size, self.config.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.config.latent_channels, self.latent_size, self.latent_size)
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise a clear error for images of the wrong shape or with non-finite pixels."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(x, 'shape', type(x))}")
+        if tuple(x.shape[1:]) != self.image_shape:
+            c, h, w = self.image_shape
+            raise ValueError(f"images must have {c} channel(s) and size {h}x{w} (shape [B, {c}, {h}, {w}]), "
+                             f"got {tuple(x.shape)}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError("images contain non-finite pixels (NaN or inf)")
+
+    # ----------------------------------------------------------------------------- stage 1
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic ``z_clean = E(x)``: ``[B, C, H, W]`` → ``[B, C_z, h, w]``."""
+        self.check_images(x)
+        return self.encoder(x)
+
+    def noisy_latent(self, z_clean: torch.Tensor, seed: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """``z_0 = α_0·z_clean + σ_0·ε`` at ``λ_z(0)``."""
+        if seed is None:
+            seed = ops.draw_seed(z_clean.device, generator)
+        logsnr = torch.full((z_clean.shape[0],), self.latent_logsnr_0, device=z_clean.device)
+        return ops.noise_inject(z_clean, logsnr, seed)[0]
+
+    def _diffusion_term(self, net, clean: torch.Tensor, schedule, generator, loss_factor: float = 1.0,
+                        bias: float | None = None, **net_inputs) -> torch.Tensor:
+        """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` at antithetic times for one diffusion model."""
+        t = antithetic_times(clean.shape[0], clean.device, generator)
+        logsnr = schedule.logsnr(t)
+        seed = ops.draw_seed(clean.device, generator)
+        noisy, _ = ops.noise_inject(clean, logsnr, seed)
+        pred = net(noisy, logsnr, **net_inputs)
+        return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, schedule.neg_dlogsnr_dt(t), seed,
+                                  self.config.prediction, loss_factor, bias)
+
+    def stage1_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Joint loss ``L = L_z + L_x`` and its breakdown.
+
+        Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image: unweighted prior ELBO
+        on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the latent's information);
+        ``prior_kl``; ``decoder_loss`` (sigmoid-weighted ``L_x``); ``bits_per_pixel`` (``L_z / ln 2 /
+        (H·W)``); ``bits_per_latent_dim``.
+        """
+        z_clean = self.encode(x)
+        z_0 = self.noisy_latent(z_clean, generator=generator)
+        latent_kl = prior_kl(z_clean, self.config.latent_logsnr_min)
+        prior_nats = self._diffusion_term(self.prior, z_clean, self.latent_schedule, generator) + latent_kl
+        decoder_loss = self._diffusion_term(self.decoder, x, self.pixel_schedule, generator,
+                                            self.config.loss_factor, self.config.bias, z_0=z_0)
+        prior_mean = prior_nats.mean()
+        pixels = self.config.image_size * self.config.image_size
+        return {
+            "loss": prior_mean + decoder_loss.mean(),
+            "prior_nats": prior_mean.detach(),
+            "prior_kl": latent_kl.mean().detach(),
+            "decoder_loss": decoder_loss.mean().detach(),
+            "bits_per_pixel": prior_mean.detach() / LN2 / pixels,
+            "bits_per_latent_dim": prior_mean.detach() / LN2 / z_clean[0].numel(),
+        }
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None, generator: torch.Generator | None = None, stage: int = 1,
+                ) -> dict[str, torch.Tensor]:
+        """The training loss of ``stage`` (1 or 2); a forward so that DDP can wrap the model."""
+        if stage == 1:
+            return self.stage1_loss(x, generator)
+        if stage == 2:
+            return self.stage2_loss(x, labels, context, pooled, generator)
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+    # ----------------------------------------------------------------------------- stage 2
+    def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
+                          pooled: torch.Tensor | None, generator: torch.Generator | None):
+        """Classifier-free guidance training: replace each example's condition by the null one with
+        probability ``label_dropout`` (null label = ``num_classes``; null text = zeros)."""
+        p = self.config.label_dropout
+        reference = next(t for t in (labels, context, pooled) if t is not None)
+        keep = torch.rand(reference.shape[0], device=reference.device, generator=generator) >= p
+        if labels is not None:
+            labels = torch.where(keep, labels, torch.full_like(labels, self.config.num_classes))
+        if context is not None:
+            context = context * keep[:, None, None].to(context.dtype)
+        if pooled is not None:
+            pooled = pooled * keep[:, None].to(pooled.dtype)
+        return labels, context, pooled
+
+    def stage2_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    ) -> dict[str, torch.Tensor]:
+        """Base-model loss on frozen ``z_clean``: sigmoid weighting ``sigmoid(b_base − λ)`` (not the ELBO),
+        schedule topped at ``λ_z(0)``; labels/text dropped for classifier-free guidance."""
+        with torch.no_grad():
+            z_clean = self.encode(x)
+        if any(t is not None for t in (labels, context, pooled)):
+            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+        loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, 1.0,
+                                    self.config.base_bias, labels=labels, context=context, pooled=pooled)
+        return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
+
+    # ----------------------------------------------------------------------------- sampling
+    def _to_denoised(self, x_t: torch.Tensor, pred: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        pred = pred.to(x_t.dtype)
+        return x_from_v(x_t, pred, logsnr) if self.config.prediction == "v" else x_from_eps(x_t, pred, logsnr)
+
+    @torch.no_grad()
+    def decode(self, z_0: torch.Tensor, steps: int = 32, sampler: str = "ddim",
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max, then one final
+        denoising step; clamped to [−1, 1]."""
+        def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+            return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0), logsnr)
+
+        x = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
+        grid = logsnr_grid(self.pixel_schedule, steps)
+        x = sample(sampler, denoise, x, grid, generator, disable=not progress)
+        final = grid[-1].expand(x.shape[0]).to(x.device)
+        return denoise(x, final).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddim",
+                    generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """Encode, add the fixed latent noise, decode by diffusion sampling."""
+        return self.decode(self.noisy_latent(self.encode(x), generator=generator), steps, sampler, generator,
+                           progress)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, steps: int = 32, sampler: str = "ddim", labels: torch.Tensor | None = None,
+                       context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                       guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
+                       use_prior: bool = False, generator: torch.Generator | None = None,
+                       progress: bool = False) -> torch.Tensor:
+        """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)``.
+
+        Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
+        ``guidance_interval`` and a condition is given.
+        """
+        device = next(self.parameters()).device
+        conditional = any(t is not None for t in (labels, context, pooled))
+
+        def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+            if use_prior:
+                return self._to_denoised(z_t, self.prior(z_t, logsnr), logsnr)
+            cond = self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
+            lam = float(logsnr[0])
+            if not conditional or guidance == 1.0 or not guidance_interval[0] <= lam <= guidance_interval[1]:
+                return cond
+            null_labels = None if labels is None else torch.full_like(labels, self.config.num_classes)
+            null_context = None if context is None else torch.zeros_like(context)
+            null_pooled = None if pooled is None else torch.zeros_like(pooled)
+            uncond = self._to_denoised(z_t, self.base(z_t, logsnr, null_labels, null_context, null_pooled), logsnr)
+            return uncond + guidance * (cond - uncond)
+
+        z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
+        return sample(sampler, denoise, z, logsnr_grid(self.latent_schedule, steps), generator,
+                      disable=not progress)
+
+    @torch.no_grad()
+    def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
+               generator: torch.Generator | None = None, progress: bool = False, **conditioning) -> torch.Tensor:
+        """Generate ``n`` images: base model → noisy ``z_0`` → decoder."""
+        z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, **conditioning)
+        return self.decode(z_0, decoder_steps, sampler, generator, progress)
+
+
+__all__ = ["UnifiedLatents"]

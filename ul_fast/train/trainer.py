@@ -1,0 +1,282 @@
+"""The training loop: stage 1 (encoder + prior + decoder), then stage 2 (base model on frozen latents).
+
+One ``Trainer`` owns the model, its EMA copy, the optimiser and LR schedule of the current stage, the
+data stream and the training generator; all of it is checkpointed, so ``--resume`` continues a killed
+run exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ul_fast.config import Config, save_config
+from ul_fast.data import BatchStream, load_dataset
+from ul_fast.eval import psnr, save_grid, side_by_side
+from ul_fast.model import UnifiedLatents
+from ul_fast.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint
+from ul_fast.train.ema import copy_weights, make_ema_model, update_ema
+from ul_fast.train.logging import MetricsLog
+
+STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total`` (``step`` counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Trains a :class:`UnifiedLatents` model as described by a :class:`Config` into ``run_dir``."""
+
+    def __init__(self, config: Config, run_dir: str | Path, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        t = config.train
+        self.device = resolve_device(t.device)
+        self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (
+            t.precision == "auto" and self.device.type == "cuda")) else None
+        torch.manual_seed(t.seed)
+        self.model = UnifiedLatents(config.model).to(self.device)
+        self.ema_model = make_ema_model(self.model)
+        self.ddp_model = None
+        if world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if t.compile:
+            for name in ("encoder", "prior", "decoder", "base"):
+                getattr(self.model, name).compile()
+        image_channels = config.model.image_channels
+        self.train_data = load_dataset(config.data.dataset, "train", config.model.image_size, image_channels)
+        self.test_data = load_dataset(config.data.dataset, "test", config.model.image_size, image_channels)
+        self.stream = BatchStream(self.train_data, t.batch_size, t.seed, rank, world_size)
+        # Per-rank generator for times, noise seeds and label dropout: saved with the checkpoint.
+        self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + rank)
+        self.stage, self.stage_step, self.bad_steps = 1, 0, 0
+        self.skipped_steps = 0
+        self.frozen_bits_per_pixel: float | None = None
+        self.log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self._new_optimizer()
+        eval_count = min(t.eval_images, len(self.test_data))
+        self.eval_images = self.test_data.images[:eval_count].to(self.device)
+        self.eval_labels = (self.test_data.labels[:eval_count].to(self.device)
+                            if self.test_data.labels is not None else None)
+
+    # ----------------------------------------------------------------------------- set-up per stage
+    @property
+    def stage_steps(self) -> int:
+        t = self.config.train
+        return t.stage1_steps if self.stage == 1 else t.stage2_steps
+
+    def _stage_parameters(self) -> list[torch.nn.Parameter]:
+        prefixes = STAGE_NETWORKS[self.stage]
+        return [p for name, p in self.model.named_parameters() if name.startswith(prefixes)]
+
+    def _new_optimizer(self) -> None:
+        t = self.config.train
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith(STAGE_NETWORKS[self.stage]))
+        lr = t.lr if self.stage == 1 else t.base_lr
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self._stage_parameters(), lr=lr, weight_decay=t.weight_decay,
+                                           betas=(0.9, 0.99), fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, t.warmup_steps, self.stage_steps))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    @property
+    def global_step(self) -> int:
+        return self.stage_step + (self.config.train.stage1_steps if self.stage == 2 else 0)
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "stage_step": self.stage_step, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "skipped_steps": self.skipped_steps, "frozen_bits_per_pixel": self.frozen_bits_per_pixel,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.run_dir, self.global_step, self.model, self.ema_model, self.training_state(),
+                            self.config.train.keep_last)
+
+    def resume(self) -> None:
+        """Restore weights, EMA, optimiser, LR schedule, data position and RNG states from ``latest``."""
+        folder = latest_checkpoint(self.run_dir)
+        state = load_state(folder)
+        load_weights_into(self.model, folder / "model.safetensors")
+        load_weights_into(self.ema_model, folder / "ema.safetensors")
+        self.stage = state["stage"]
+        self._new_optimizer()
+        self.stage_step = state["stage_step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.skipped_steps = state["skipped_steps"]
+        self.frozen_bits_per_pixel = state["frozen_bits_per_pixel"]
+        self.log.truncate_after(self.global_step)
+
+    # ----------------------------------------------------------------------------- one step
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.ddp_model if self.ddp_model is not None else self.model
+        with self._autocast():
+            if self.stage == 1:
+                return model(images, generator=self.generator, stage=1)
+            labels = labels if self.config.model.num_classes else None
+            return model(images, labels=labels, generator=self.generator, stage=2)
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimiser step (with gradient accumulation); None if it was skipped as non-finite."""
+        t = self.config.train
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(t.grad_accumulation):
+            images, labels = self.stream.next_batch()
+            out = self._loss(images.to(self.device, non_blocking=True), labels.to(self.device))
+            (out["loss"] / t.grad_accumulation).backward()
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accumulation
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._stage_parameters(), t.grad_clip)
+        if not (torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(f"{self.bad_steps} non-finite losses in a row at step {self.global_step}; "
+                                       "stopping (the last checkpoint is untouched)")
+            return None
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema_model, self.model, t.ema_decay, STAGE_NETWORKS[self.stage])
+        return {**{k: float(v) for k, v in totals.items()}, "grad_norm": float(grad_norm)}
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out bits/pixel (fixed noise) and PSNR of diffusion-sampled reconstructions (EMA weights)."""
+        model, s = self.ema_model, self.config.sample
+        generator = torch.Generator(self.device).manual_seed(1234)
+        with self._autocast():
+            bits = [float(model.stage1_loss(self.test_data.images[i:i + 256].to(self.device), generator)
+                          ["bits_per_pixel"]) for i in range(0, min(len(self.test_data), 1024), 256)]
+            recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
+        return {"heldout_bits_per_pixel": sum(bits) / len(bits),
+                "psnr": float(psnr(recon, self.eval_images).mean())}
+
+    def write_grids(self) -> None:
+        """``reconstructions.png`` (original, reconstruction pairs) and ``samples.png``."""
+        model, s = self.ema_model, self.config.sample
+        generator = torch.Generator(self.device).manual_seed(4321)
+        with torch.no_grad(), self._autocast():
+            recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
+            save_grid(side_by_side(self.eval_images, recon), self.run_dir / "reconstructions.png", columns=8)
+            if self.config.train.stage2_steps > 0:
+                n = s.grid_images
+                labels = None
+                if self.config.model.num_classes:
+                    labels = torch.arange(n, device=self.device) % self.config.model.num_classes
+                images = model.sample(n, s.latent_steps, s.decoder_steps, s.sampler, generator, labels=labels,
+                                      guidance=s.guidance, guidance_interval=tuple(s.guidance_interval))
+                save_grid(images.float(), self.run_dir / "samples.png",
+                          columns=self.config.model.num_classes or None)
+
+    # ----------------------------------------------------------------------------- the loop
+    def _log(self, record: dict[str, Any]) -> None:
+        self.log.write({"step": self.global_step, "stage": self.stage, "stage_step": self.stage_step, **record})
+
+    def _start_stage(self, stage: int) -> None:
+        self.stage, self.stage_step = stage, 0
+        if stage == 2:
+            # Stage 2 uses the stage-1 EMA weights of encoder and decoder, frozen from here on.
+            copy_weights(self.model, self.ema_model, STAGE_NETWORKS[1])
+            self.frozen_bits_per_pixel = self.evaluate()["heldout_bits_per_pixel"]
+        self._new_optimizer()
+
+    def fit(self, resume: bool = False) -> None:
+        """Run (or continue) stage 1 then stage 2, logging, evaluating and checkpointing as configured."""
+        t = self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        elif self.is_main:
+            save_config(self.config, self.run_dir / "config.yaml")
+            if (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+        if self.stage == 1 and self.stage_step >= t.stage1_steps and t.stage2_steps > 0:
+            self._start_stage(2)
+        while True:
+            self._run_stage()
+            if self.stage == 1 and t.stage2_steps > 0:
+                self._start_stage(2)
+                continue
+            break
+        if self.is_main:
+            self.write_grids()
+
+    def _run_stage(self) -> None:
+        t = self.config.train
+        window: dict[str, float] = {}
+        count, start = 0, time.perf_counter()
+        bar = tqdm(total=self.stage_steps, initial=self.stage_step, disable=not (t.progress and self.is_main),
+                   desc=f"stage {self.stage}")
+        while self.stage_step < self.stage_steps:
+            metrics = self.train_step()
+            self.stage_step += 1
+            bar.update(1)
+            if metrics is not None:
+                for key, value in metrics.items():
+                    window[key] = window.get(key, 0.0) + value
+                count += 1
+            if self.stage_step % t.log_every == 0 or self.stage_step == self.stage_steps:
+                elapsed = time.perf_counter() - start
+                record = {k: v / max(count, 1) for k, v in window.items()}
+                record.update(lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps,
+                              step_time_s=elapsed / max(count, 1),
+                              images_per_s=count * t.batch_size * t.grad_accumulation / max(elapsed, 1e-9))
+                if self.stage == 2:
+                    record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
+                if self.stage == 1 and (self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps):
+                    record.update(self.evaluate())
+                self._log(record)
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
+                                bpp=f"{record.get('bits_per_pixel') or 0:.4f}")
+                window, count, start = {}, 0, time.perf_counter()
+            if self.stage_step % t.checkpoint_every == 0 or self.stage_step == self.stage_steps:
+                self.save()
+        bar.close()
