@@ -8,4 +8,5 @@ one fails to load.
 BACKEND_MODULES: tuple[str, ...] = (
     "ul_fast.kernels.triton_attention",
     "ul_fast.kernels.triton_adaln",
+    "ul_fast.kernels.compiled",
 )
