@@ -124,14 +124,22 @@ PYBIND11_MODULE(_C, m) {
       nogil);
   m.def(
       "philox_words_cpu",
-      [](uint64_t seed, int64_t groups, uintptr_t out) { ul_fast::philox_words_cpu(seed, groups, ptr<uint32_t>(out)); },
-      nogil, "Debug: Philox4x32-10 words of groups 0..groups-1 (4 uint32 each) for a seed.");
+      [](uint64_t seed, uint64_t first, int64_t groups, uintptr_t out) {
+        ul_fast::philox_words_cpu(seed, first, groups, ptr<uint32_t>(out));
+      },
+      nogil, "Debug: Philox4x32-10 words (4 uint32 each) of groups first..first+groups-1 for a seed.");
   m.def(
       "philox_normal_cpu",
       [](uint64_t seed, int64_t numel, uintptr_t out, int threads) {
         ul_fast::philox_normal_cpu(seed, numel, ptr<float>(out), threads);
       },
       nogil, "Debug: the first numel normals of the noise stream for a seed.");
+  m.def(
+      "alpha_sigma_cpu",
+      [](uintptr_t logsnr, int64_t batch, uintptr_t alpha, uintptr_t sigma) {
+        ul_fast::alpha_sigma_cpu(ptr<const float>(logsnr), batch, ptr<float>(alpha), ptr<float>(sigma));
+      },
+      nogil, "Debug: the per-example alpha, sigma (fp32 [B] each) the kernels use.");
 
 #ifdef UL_FAST_WITH_CUDA
   // ---- CUDA (asynchronous on `stream`) ----
@@ -194,5 +202,12 @@ PYBIND11_MODULE(_C, m) {
         ul_fast::philox_normal_cuda(ptr<const int64_t>(seed), numel, ptr<float>(out), device, stream);
       },
       nogil, "Debug: the first numel normals for the device seed tensor at `seed`.");
+  m.def(
+      "alpha_sigma_cuda",
+      [](uintptr_t logsnr, int64_t batch, uintptr_t alpha, uintptr_t sigma, int device, uintptr_t stream) {
+        ul_fast::alpha_sigma_cuda(ptr<const float>(logsnr), batch, ptr<float>(alpha), ptr<float>(sigma), device,
+                                  stream);
+      },
+      nogil, "Debug: alpha, sigma on the device.");
 #endif
 }

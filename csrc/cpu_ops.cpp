@@ -308,9 +308,9 @@ void embed_backward_cpu(const EmbedArgs& a, const void* grad_ptr, const float* p
   });
 }
 
-void philox_words_cpu(uint64_t seed, int64_t groups, uint32_t* out) {
+void philox_words_cpu(uint64_t seed, uint64_t first, int64_t groups, uint32_t* out) {
   for (int64_t g = 0; g < groups; ++g) {
-    const Words4 w = philox4x32_10(static_cast<uint64_t>(g), seed);
+    const Words4 w = philox4x32_10(first + static_cast<uint64_t>(g), seed);
     out[4 * g] = w.r0;
     out[4 * g + 1] = w.r1;
     out[4 * g + 2] = w.r2;
@@ -326,6 +326,10 @@ void philox_normal_cpu(uint64_t seed, int64_t numel, float* out, int threads) {
     const int64_t begin = task * kChunk, end = std::min(begin + kChunk, numel);
     for (int64_t n = begin; n < end; ++n) out[n] = stream.at(n);
   }
+}
+
+void alpha_sigma_cpu(const float* logsnr, int64_t batch, float* alpha, float* sigma) {
+  for (int64_t b = 0; b < batch; ++b) alpha_sigma(logsnr[b], &alpha[b], &sigma[b]);
 }
 
 }  // namespace ul_fast

@@ -411,6 +411,12 @@ __global__ void philox_normal_kernel(const int64_t* __restrict__ seed_ptr, int64
   for (int i = 0; i < 4 && 4 * group + i < numel; ++i) out[4 * group + i] = e[i];
 }
 
+__global__ void alpha_sigma_kernel(const float* __restrict__ logsnr, int64_t batch, float* __restrict__ alpha,
+                                   float* __restrict__ sigma) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < batch) alpha_sigma(logsnr[b], &alpha[b], &sigma[b]);
+}
+
 unsigned int blocks_for(int64_t numel) {
   return static_cast<unsigned int>((numel + 4 * kThreads - 1) / (4 * kThreads));
 }
@@ -546,6 +552,15 @@ void philox_normal_cuda(const int64_t* seed, int64_t numel, float* out, int devi
   use_device(device);
   philox_normal_kernel<<<blocks_for(numel), kThreads, 0, as_stream(stream)>>>(seed, numel, out);
   check_launch("philox_normal");
+}
+
+void alpha_sigma_cuda(const float* logsnr, int64_t batch, float* alpha, float* sigma, int device,
+                      uintptr_t stream) {
+  if (batch == 0) return;
+  use_device(device);
+  alpha_sigma_kernel<<<static_cast<unsigned int>((batch + 127) / 128), 128, 0, as_stream(stream)>>>(
+      logsnr, batch, alpha, sigma);
+  check_launch("alpha_sigma");
 }
 
 }  // namespace ul_fast

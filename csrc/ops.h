@@ -60,9 +60,12 @@ void loss_backward_cpu(const LossArgs& a, const float* grad_out, void* dpred, vo
 void embed_forward_cpu(const EmbedArgs& a, void* out, float* pre, float* feats, int threads);
 void embed_backward_cpu(const EmbedArgs& a, const void* grad_out, const float* pre, const float* feats,
                         void* dweight, void* dbias, int threads);
-// Debug: the raw Philox words (4 per group) and normals of the first `numel` elements.
-void philox_words_cpu(uint64_t seed, int64_t groups, uint32_t* out);
+// Debug: the raw Philox words (4 per group) of groups first .. first + groups - 1, and the normals of the
+// first `numel` elements.
+void philox_words_cpu(uint64_t seed, uint64_t first, int64_t groups, uint32_t* out);
 void philox_normal_cpu(uint64_t seed, int64_t numel, float* out, int threads);
+// Debug: the per-example alpha, sigma the kernels use, [B] each.
+void alpha_sigma_cpu(const float* logsnr, int64_t batch, float* alpha, float* sigma);
 
 #ifdef UL_FAST_WITH_CUDA
 // ---- CUDA (stream = cudaStream_t as an integer, device = the tensors' device index; every call is
@@ -72,11 +75,15 @@ int64_t loss_workspace_cuda(int64_t numel, int64_t batch);
 void noise_inject_cuda(const NoiseArgs& a, int device, uintptr_t stream);
 void noise_backward_cuda(const ScaleArgs& a, int device, uintptr_t stream);
 void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int device, uintptr_t stream);
-void loss_backward_cuda(const LossArgs& a, const float* grad_out, void* dpred, void* dx, int device, uintptr_t stream);
-void embed_forward_cuda(const EmbedArgs& a, void* out, float* pre, float* feats, int device, uintptr_t stream);
+void loss_backward_cuda(const LossArgs& a, const float* grad_out, void* dpred, void* dx, int device,
+                        uintptr_t stream);
+void embed_forward_cuda(const EmbedArgs& a, void* out, float* pre, float* feats, int device,
+                        uintptr_t stream);
 void embed_backward_cuda(const EmbedArgs& a, const void* grad_out, const float* pre, const float* feats,
                          void* dweight, void* dbias, int device, uintptr_t stream);
 void philox_normal_cuda(const int64_t* seed, int64_t numel, float* out, int device, uintptr_t stream);
+void alpha_sigma_cuda(const float* logsnr, int64_t batch, float* alpha, float* sigma, int device,
+                      uintptr_t stream);
 #endif
 
 }  // namespace ul_fast

@@ -354,13 +354,28 @@ def philox_normal(numel: int, seed: int | Tensor) -> Tensor:
     return out
 
 
-def philox_words(groups: int, seed: int) -> Tensor:
-    """Debug: Philox4x32-10 words ``[groups, 4]`` (int64 holding uint32) of the CPU kernel."""
+def philox_words(groups: int, seed: int, first: int = 0) -> Tensor:
+    """Debug: Philox4x32-10 words ``[groups, 4]`` (int64 holding uint32) of the CPU kernel for counter
+    groups ``first .. first + groups - 1``."""
     if _C is None:
         raise RuntimeError(_UNAVAILABLE)
     words = torch.empty(groups * 4, dtype=torch.int32)
-    _C.philox_words_cpu(int(seed) & (2**64 - 1), groups, words.data_ptr())
+    _C.philox_words_cpu(int(seed) & (2**64 - 1), int(first), groups, words.data_ptr())
     return (words.to(torch.int64) & 0xFFFFFFFF).reshape(groups, 4)
+
+
+def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """Debug: the per-example ``(α, σ)`` (fp32 ``[B]``) the kernels compute, on logsnr's device."""
+    if _C is None:
+        raise RuntimeError(_UNAVAILABLE)
+    lam = _per_example(logsnr)
+    alpha, sigma = torch.empty_like(lam), torch.empty_like(lam)
+    if _on_cuda(lam):
+        _C.alpha_sigma_cuda(lam.data_ptr(), lam.numel(), alpha.data_ptr(), sigma.data_ptr(), lam.device.index,
+                            _stream(lam))
+    else:
+        _C.alpha_sigma_cpu(lam.data_ptr(), lam.numel(), alpha.data_ptr(), sigma.data_ptr())
+    return alpha, sigma
 
 
 if _C is not None:
