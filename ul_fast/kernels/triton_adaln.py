@@ -164,12 +164,14 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
     return y
 
 
-def _n_chunks(B: int, S: int, rows: int, device: torch.device) -> int:
-    """Row chunks per example: enough programs to fill the GPU (about 16 per SM), at least ``rows``
-    rows each so the partial sums stay small next to dx."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, -(-16 * sms // B))
-    return max(1, min(want, -(-S // rows)))
+def _chunking(B: int, S: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """``(n_chunks, rows_per_chunk)`` of the backward grid: enough programs to fill the GPU (about 16 per
+    SM), each a whole number of ``rows``-row tiles, together covering the S rows of an example."""
+    # (the interpreter on CPU counts as one SM: a few chunks, each several tiles, as on a GPU)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    want = max(1, min(-(-16 * sms // B), -(-S // rows)))
+    rows_per_chunk = -(-(-(-S // want)) // rows) * rows
+    return -(-S // rows_per_chunk), rows_per_chunk
 
 
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
@@ -178,10 +180,7 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: f
     x, scale, grad_y = (_rows_contiguous(t) for t in (x, scale, grad_y))
     B, S, C = x.shape
     block_c, rows, warps = _launch_shape(C)
-    n_chunks = _n_chunks(B, S, rows, x.device)
-    rows_per_chunk = -(-S // n_chunks)
-    rows_per_chunk = -(-rows_per_chunk // rows) * rows  # whole tiles per chunk
-    n_chunks = -(-S // rows_per_chunk)
+    n_chunks, rows_per_chunk = _chunking(B, S, rows, x.device)
     dx = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
     # two buffers, not views of one: custom-op outputs must not alias each other
     dscale_part = torch.empty((B, n_chunks, C), dtype=torch.float32, device=x.device)

@@ -1,0 +1,133 @@
+"""Fused adaLN LayerNorm (Triton) against the fp64 reference: forward and the gradients of x, scale and
+shift, strided inputs, the chunked per-example reduction, custom-op checks. On CPU the kernels run in
+the Triton interpreter.
+
+Tolerance rule: max-abs error against fp64 at most 2× that of same-dtype eager PyTorch
+(``layer_norm(x)·(1 + scale) + shift`` computed in the input dtype), plus a floor: 1e-6 absolute for
+fp32 noise, and for bf16 in the interpreter one half-ulp of the largest value (the interpreter
+truncates fp32 → bf16 where a GPU rounds to nearest).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from ul_fast.kernels import triton_adaln as tn  # noqa: E402
+from ul_fast.ops import reference  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+
+
+def _same_dtype_torch(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """What eager PyTorch computes without upcasting."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def _run(fn, x, mod, grad):
+    """Output and grads of x and of the ``[B, 2C]`` modulation whose two halves are scale and shift."""
+    x = x.detach().requires_grad_()
+    mod = mod.detach().requires_grad_()
+    scale, shift = mod.chunk(2, dim=1)  # strided [B, C] views, as the networks produce them
+    out = fn(x, scale, shift, EPS)
+    out.backward(grad.to(out.dtype))
+    return out.detach().double(), x.grad.double(), mod.grad.double()
+
+
+def _check(shape: tuple[int, int, int], dtype: torch.dtype, device: str, x_strided: bool = False) -> None:
+    B, S, C = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, x_strided)).encode()))
+    x = torch.randn(B, 2 * S if x_strided else S, C, generator=gen) * 3 + 1
+    mod = torch.randn(B, 2 * C, generator=gen) * 0.5
+    grad = torch.randn(B, S, C, generator=gen)
+    x, mod, grad = x.to(device), mod.to(device), grad.to(device)
+
+    def take(t):  # every other row: a non-contiguous x with a contiguous channel dim
+        return t[:, ::2] if x_strided else t
+
+    # fp64 throughout (the reference itself computes in fp32)
+    exact = _run(lambda x_, *a: _same_dtype_torch(take(x_), *a), x.double(), mod.double(), grad.double())
+    same = _run(lambda x_, *a: _same_dtype_torch(take(x_), *a), x.to(dtype), mod.to(dtype), grad)
+    ours = _run(lambda x_, *a: tn.adaln_layernorm(take(x_), *a), x.to(dtype), mod.to(dtype), grad)
+    for name, mine, theirs, ref in zip(("y", "dx", "dscale|dshift"), ours, same, exact):
+        err = (mine - ref).abs().max().item()
+        err_torch = (theirs - ref).abs().max().item()
+        floor = 1e-6 + (2.0**-8 * ref.abs().max().item() if dtype == torch.bfloat16 and tn.INTERPRET else 0.0)
+        tol = 2 * err_torch + floor
+        assert err <= tol, f"{name} {shape} {dtype}: error {err:.3g} > {tol:.3g} (PyTorch {err_torch:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 7, 48), (1, 5, 100), (2, 21, 32)])
+def test_matches_reference(shape, dtype):
+    """Odd S, non-power-of-two C (masked lanes), and (2, 21, 32): six row chunks per example of two
+    tiles each, the last one ragged, so dscale/dshift are sums of partial sums."""
+    _check(shape, dtype, DEVICE)
+
+
+def test_chunking_covers_every_row():
+    """The backward grid splits each example into chunks of whole tiles that cover S exactly."""
+    for B, S in ((2, 21), (1, 5), (3, 1), (256, 256)):
+        _, rows, _ = tn._launch_shape(32)
+        n, per_chunk = tn._chunking(B, S, rows, torch.device("cpu"))
+        assert per_chunk % rows == 0 and (n - 1) * per_chunk < S <= n * per_chunk
+
+
+def test_strided_x():
+    _check((2, 9, 64), torch.float32, DEVICE, x_strided=True)
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    scale = torch.randn(2, 24, device=DEVICE, requires_grad=True)
+    shift = torch.randn(2, 24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.ul_fast.adaln_layernorm.default, (x, scale, shift, EPS))
+    args = (torch.randn(2, 5, 24, device=DEVICE), x.detach(), scale.detach(), EPS)
+    torch.library.opcheck(torch.ops.ul_fast.adaln_layernorm_backward.default, args)
+
+
+def test_eps_is_honoured():
+    """A constant row has zero variance: the output is shift exactly, whatever eps (no NaN); and a
+    large eps changes the result the way the reference says."""
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    scale, shift = torch.randn(2, 16, device=DEVICE), torch.randn(2, 16, device=DEVICE)
+    flat = torch.full_like(x, 2.5)
+    torch.testing.assert_close(tn.adaln_layernorm(flat, scale, shift, EPS), shift[:, None].expand_as(x))
+    torch.testing.assert_close(tn.adaln_layernorm(x, scale, shift, 0.5),
+                               reference.adaln_layernorm(x, scale, shift, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_errors_name_the_argument():
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    s = torch.randn(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \[B, S, C\] and scale, shift \[B, C\]"):
+        tn.adaln_layernorm(x, s[:1], s, EPS)
+    with pytest.raises(TypeError, match="shift must be float32"):
+        tn.adaln_layernorm(x, s, s.long(), EPS)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        tn.adaln_layernorm(x, s, s, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 256, 768), (3, 77, 1024), (2, 100, 384), (1, 33, 1000)])
+def test_gpu_matches_reference(shape, dtype):
+    _check(shape, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_public_op_uses_triton(monkeypatch):
+    from ul_fast import ops
+
+    monkeypatch.delenv("UL_FAST_BACKEND", raising=False)
+    x = torch.randn(4, 64, 768, device="cuda", dtype=torch.bfloat16)
+    scale, shift = torch.randn(4, 1536, device="cuda", dtype=torch.bfloat16).chunk(2, dim=1)
+    torch.testing.assert_close(ops.adaln_layernorm(x, scale, shift, EPS),
+                               tn.adaln_layernorm(x, scale, shift, EPS), rtol=0, atol=0)
