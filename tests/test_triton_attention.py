@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ul_fast.kernels import triton_attention as ta  # noqa: E402
 from ul_fast.kernels import triton_adaln as tn  # noqa: E402
+from ul_fast.kernels import triton_attention as ta  # noqa: E402
 from ul_fast.ops import dispatch, reference  # noqa: E402
 
 # The interpreter's scalar conversions trip a NumPy deprecation on every loop bound.

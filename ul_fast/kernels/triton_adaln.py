@@ -169,9 +169,9 @@ def _chunking(B: int, S: int, rows: int, device: torch.device) -> tuple[int, int
     SM), each a whole number of ``rows``-row tiles, together covering the S rows of an example."""
     # (the interpreter on CPU counts as one SM: a few chunks, each several tiles, as on a GPU)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    want = max(1, min(-(-16 * sms // B), -(-S // rows)))
-    rows_per_chunk = -(-(-(-S // want)) // rows) * rows
-    return -(-S // rows_per_chunk), rows_per_chunk
+    want = max(1, min(triton.cdiv(16 * sms, B), triton.cdiv(S, rows)))
+    rows_per_chunk = triton.cdiv(triton.cdiv(S, want), rows) * rows
+    return triton.cdiv(S, rows_per_chunk), rows_per_chunk
 
 
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
