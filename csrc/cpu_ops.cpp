@@ -88,6 +88,8 @@ void dispatch_dtype(int dtype, F&& body) {
 }
 
 constexpr int64_t kChunk = 8192;  // elements per parallel task; a multiple of 4 (one Philox group)
+// Below this many elements (or multiply-adds for the embedding) a parallel region costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 15;
 
 // Walks elements [begin, end) of the flat noise stream, one Philox call per group of four.
 struct NormalStream {
@@ -124,7 +126,7 @@ void noise_inject_cpu(const NoiseArgs& a, int threads) {
     const T* x = static_cast<const T*>(a.x);
     T* z = static_cast<T*>(a.z);
     T* eps = static_cast<T*>(a.eps);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (a.numel >= kParallelMin)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t begin = task * kChunk, end = std::min(begin + kChunk, a.numel);
       NormalStream stream{seed};
@@ -148,7 +150,7 @@ void noise_backward_cpu(const ScaleArgs& a, int threads) {
     using T = decltype(tag);
     const T* grad = static_cast<const T*>(a.grad);
     T* dx = static_cast<T*>(a.dx);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (a.numel >= kParallelMin)
     for (int64_t n = 0; n < a.numel; ++n) dx[n] = from_float<T>(alpha[n / per] * to_float(grad[n]));
   });
 }
@@ -186,7 +188,7 @@ void loss_forward_cpu(const LossArgs& a, float* out, int threads) {
     using TX = decltype(x_tag);
     const TP* pred = static_cast<const TP*>(a.pred);
     const TX* x = static_cast<const TX*>(a.x);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (a.numel >= kParallelMin)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / chunks_per_example, chunk = task % chunks_per_example;
       const int64_t begin = b * per + chunk * kChunk;
@@ -226,7 +228,7 @@ void loss_backward_cpu(const LossArgs& a, const float* grad_out, void* dpred_ptr
     const TX* x = static_cast<const TX*>(a.x);
     TP* dpred = static_cast<TP*>(dpred_ptr);
     TX* dx = static_cast<TX*>(dx_ptr);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (a.numel >= kParallelMin)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t begin = task * kChunk, end = std::min(begin + kChunk, a.numel);
       NormalStream stream{seed};
@@ -263,7 +265,7 @@ void embed_forward_cpu(const EmbedArgs& a, void* out_ptr, float* pre, float* fea
         feats[b * K + F + f] = to_float(from_float<T>(std::cos(angle)));
       }
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (B * N * K >= kParallelMin)
     for (int64_t task = 0; task < B * N; ++task) {
       const int64_t b = task / N, n = task % N;
       const float* f = feats + b * K;
@@ -286,7 +288,7 @@ void embed_backward_cpu(const EmbedArgs& a, const void* grad_ptr, const float* p
     T* dweight = static_cast<T*>(dweight_ptr);
     T* dbias = static_cast<T*>(dbias_ptr);
     std::vector<float> dpre(B * N);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (B * N * K >= kParallelMin)
     {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < B * N; ++i) {
@@ -320,7 +322,7 @@ void philox_words_cpu(uint64_t seed, uint64_t first, int64_t groups, uint32_t* o
 
 void philox_normal_cpu(uint64_t seed, int64_t numel, float* out, int threads) {
   const int64_t tasks = (numel + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (numel >= kParallelMin)
   for (int64_t task = 0; task < tasks; ++task) {
     NormalStream stream{seed};
     const int64_t begin = task * kChunk, end = std::min(begin + kChunk, numel);

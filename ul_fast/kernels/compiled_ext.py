@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -33,10 +34,19 @@ def source_hash(csrc: Path = _CSRC) -> str | None:
 
 def load() -> tuple[ModuleType | None, str]:
     """``(module, "")`` when ``ul_fast._C`` imports and matches the sources, else ``(None, reason)``."""
+    # torch runs its own OpenMP pool; with both pools spin-waiting on a few cores each slows the other by
+    # milliseconds per call, so _C's runtime (initialised when it loads) sleeps between parallel regions
+    # unless the user chose a policy. The variable is restored so nothing else inherits it.
+    previous = os.environ.get("OMP_WAIT_POLICY")
+    if previous is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         ext = importlib.import_module("ul_fast._C")
     except ImportError as error:
         return None, f"ul_fast._C is not built or cannot load ({error}); {_REBUILD}"
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
     if getattr(ext, "API_VERSION", None) != API_VERSION:
         return None, (f"ul_fast._C is stale (API version {getattr(ext, 'API_VERSION', None)}, this package "
                       f"needs {API_VERSION}); {_REBUILD}")
