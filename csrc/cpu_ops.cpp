@@ -89,7 +89,7 @@ void dispatch_dtype(int dtype, F&& body) {
 
 constexpr int64_t kChunk = 8192;  // elements per parallel task; a multiple of 4 (one Philox group)
 // Below this many elements (or multiply-adds for the embedding) a parallel region costs more than it saves.
-constexpr int64_t kParallelMin = 1 << 15;
+constexpr int64_t kParallelMin = 1 << 16;
 
 // Walks elements [begin, end) of the flat noise stream, one Philox call per group of four.
 struct NormalStream {
@@ -265,16 +265,25 @@ void embed_forward_cpu(const EmbedArgs& a, void* out_ptr, float* pre, float* fea
         feats[b * K + F + f] = to_float(from_float<T>(std::cos(angle)));
       }
     }
+    // W^T in fp32, so the inner loop runs over contiguous, independent outputs (vectorisable without
+    // reassociating any sum).
+    std::vector<float> weight_t(K * N);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) weight_t[k * N + n] = to_float(weight[n * K + k]);
+    }
 #pragma omp parallel for num_threads(threads) schedule(static) if (B * N * K >= kParallelMin)
-    for (int64_t task = 0; task < B * N; ++task) {
-      const int64_t b = task / N, n = task % N;
-      const float* f = feats + b * K;
-      const T* w = weight + n * K;
-      float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += to_float(w[k]) * f[k];
-      const float h = acc + to_float(bias[n]);
-      pre[task] = h;
-      out[task] = from_float<T>(h * sigmoidf_(h));
+    for (int64_t b = 0; b < B; ++b) {
+      float* h = pre + b * N;
+      for (int64_t n = 0; n < N; ++n) h[n] = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float f = feats[b * K + k];
+        const float* w = weight_t.data() + k * N;
+        for (int64_t n = 0; n < N; ++n) h[n] += w[n] * f;
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] += to_float(bias[n]);
+        out[b * N + n] = from_float<T>(h[n] * sigmoidf_(h[n]));
+      }
     }
   });
 }
@@ -288,23 +297,27 @@ void embed_backward_cpu(const EmbedArgs& a, const void* grad_ptr, const float* p
     T* dweight = static_cast<T*>(dweight_ptr);
     T* dbias = static_cast<T*>(dbias_ptr);
     std::vector<float> dpre(B * N);
-#pragma omp parallel num_threads(threads) if (B * N * K >= kParallelMin)
+    const bool parallel = B * N * K >= kParallelMin;
+#pragma omp parallel num_threads(threads) if (parallel)
     {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < B * N; ++i) {
         const float s = sigmoidf_(pre[i]);
         dpre[i] = to_float(grad[i]) * (s * (1.0f + pre[i] * (1.0f - s)));  // SiLU'(h)
       }
+      std::vector<float> row(K);
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n) {
         float db = 0.0f;
-        for (int64_t b = 0; b < B; ++b) db += dpre[b * N + n];
-        dbias[n] = from_float<T>(db);
-        for (int64_t k = 0; k < K; ++k) {
-          float acc = 0.0f;
-          for (int64_t b = 0; b < B; ++b) acc += dpre[b * N + n] * feats[b * K + k];
-          dweight[n * K + k] = from_float<T>(acc);
+        std::fill(row.begin(), row.end(), 0.0f);
+        for (int64_t b = 0; b < B; ++b) {
+          const float dp = dpre[b * N + n];
+          db += dp;
+          const float* f = feats + b * K;
+          for (int64_t k = 0; k < K; ++k) row[k] += dp * f[k];
         }
+        dbias[n] = from_float<T>(db);
+        for (int64_t k = 0; k < K; ++k) dweight[n * K + k] = from_float<T>(row[k]);
       }
     }
   });
