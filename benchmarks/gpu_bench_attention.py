@@ -70,8 +70,10 @@ def _fwd_bwd(fn, inputs, grad):
 def bench_attention(shape, dtype, device, smoke):
     B, H, S, D = shape
     fwd_flops = 4.0 * B * H * S * S * D
-    qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype, requires_grad=True)
-    views = qkv.unbind(2)  # [B, S, H, D] strided views
+    qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype)
+    # [B, S, H, D] strided views of one buffer, as leaves (so no unbind-backward copy is timed, as SDPA's
+    # leaves time none)
+    views = [t.requires_grad_() for t in qkv.unbind(2)]
     grad = torch.randn(B, S, H, D, device=device, dtype=dtype)
     bhsd = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in views]
     grad_bhsd = grad.transpose(1, 2).contiguous()
@@ -82,7 +84,7 @@ def bench_attention(shape, dtype, device, smoke):
     _fwd_bwd(triton_attention.flash_attention, views, grad)()  # autotunes the backward once
     with torch.no_grad():
         fwd_ms = bench_ms(lambda: triton_attention.flash_attention(*views), smoke=smoke)
-    full_ms = bench_ms(_fwd_bwd(triton_attention.flash_attention, views, grad), grad_to_none=[qkv], smoke=smoke)
+    full_ms = bench_ms(_fwd_bwd(triton_attention.flash_attention, views, grad), grad_to_none=views, smoke=smoke)
     rows.append({"impl": "triton", "fwd_ms": fwd_ms, "fwd_bwd_ms": full_ms, "max_abs_diff": 0.0})
 
     for name, backend in SDPA_BACKENDS.items():

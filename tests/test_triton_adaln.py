@@ -84,6 +84,21 @@ def test_strided_x():
     _check((2, 9, 64), torch.float32, DEVICE, x_strided=True)
 
 
+def test_mixed_dtypes_as_under_autocast():
+    """fp32 residual stream x with bf16 scale/shift (a Linear under autocast): y in fp32, each gradient
+    in its input's dtype, matching the reference in the same dtypes."""
+    x = torch.randn(2, 9, 40, device=DEVICE)
+    mod = torch.randn(2, 80, device=DEVICE).bfloat16()
+    grad = torch.randn(2, 9, 40, device=DEVICE)
+    ours = _run(tn.adaln_layernorm, x, mod, grad)
+    ref = _run(reference.adaln_layernorm, x, mod, grad)
+    out = tn.adaln_layernorm(x, *mod.chunk(2, dim=1), EPS)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[2], ref[2], rtol=2**-7, atol=1e-5)  # bf16 grads: one rounding each
+
+
 def test_opcheck():
     x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
     scale = torch.randn(2, 24, device=DEVICE, requires_grad=True)
