@@ -172,6 +172,8 @@ def make_schedule(
     ``shifted_cosine`` shifts by ``2·log(base_resolution / resolution)``; ``interpolated_cosine`` blends
     that shift (high SNR) with ``2·log(low_snr_base_resolution / resolution)`` (low SNR).
     """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
     if kind == "cosine":
         return CosineSchedule(logsnr_min, logsnr_max)
     if kind == "linear":
@@ -180,10 +182,8 @@ def make_schedule(
         raise ValueError(f"schedule {kind!r} needs resolution and base_resolution")
     if kind == "shifted_cosine":
         return CosineSchedule(logsnr_min, logsnr_max, resolution_shift(resolution, base_resolution))
-    if kind == "interpolated_cosine":
-        if low_snr_base_resolution is None:
-            raise ValueError("schedule 'interpolated_cosine' needs low_snr_base_resolution")
-        return InterpolatedCosineSchedule(
-            logsnr_min, logsnr_max, resolution_shift(resolution, base_resolution),
-            resolution_shift(resolution, low_snr_base_resolution))
-    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
+    if low_snr_base_resolution is None:
+        raise ValueError("schedule 'interpolated_cosine' needs low_snr_base_resolution")
+    return InterpolatedCosineSchedule(
+        logsnr_min, logsnr_max, resolution_shift(resolution, base_resolution),
+        resolution_shift(resolution, low_snr_base_resolution))

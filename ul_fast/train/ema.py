@@ -16,6 +16,12 @@ def make_ema_model(model: nn.Module) -> nn.Module:
     return ema
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up ``min(decay, (1 + n)/(10 + n))`` after ``n`` updates, so early evaluations are not
+    dominated by the random initialisation."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, prefixes: tuple[str, ...]) -> None:
     """``ema ← decay·ema + (1 − decay)·model`` for parameters under ``prefixes`` (the trained

@@ -21,7 +21,7 @@ from ul_fast.data import BatchStream, load_dataset
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint
-from ul_fast.train.ema import copy_weights, make_ema_model, update_ema
+from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
 from ul_fast.train.logging import MetricsLog
 
 STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
@@ -183,7 +183,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema_model, self.model, t.ema_decay, STAGE_NETWORKS[self.stage])
+        update_ema(self.ema_model, self.model, ema_decay_at(self.stage_step, t.ema_decay), STAGE_NETWORKS[self.stage])
         return {**{k: float(v) for k, v in totals.items()}, "grad_norm": float(grad_norm)}
 
     # ----------------------------------------------------------------------------- evaluation

@@ -1,0 +1,157 @@
+"""The UnifiedLatents model: loss bookkeeping, gradients, sampling, checkpoints, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from ul_fast import ops
+from ul_fast.config import ConfigError
+from ul_fast.model import UnifiedLatents
+from ul_fast.sampling import logsnr_grid
+from ul_fast.train import CheckpointError, load_trained_model, save_checkpoint
+from ul_fast.train.ema import make_ema_model
+
+from micro import micro_config
+
+
+@pytest.fixture
+def model() -> UnifiedLatents:
+    return UnifiedLatents(micro_config().model)
+
+
+def images(batch: int = 8, size: int = 16) -> torch.Tensor:
+    return torch.rand(batch, 1, size, size) * 2 - 1
+
+
+def test_loss_breakdown_is_on_one_per_example_scale(model):
+    out = model.stage1_loss(images(), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["loss"].detach(), out["prior_nats"] + out["decoder_loss"])
+    latent_dims = math.prod(model.latent_shape)
+    assert out["bits_per_pixel"].item() == pytest.approx(out["prior_nats"].item() / math.log(2) / (16 * 16))
+    assert out["bits_per_latent_dim"].item() == pytest.approx(out["prior_nats"].item() / math.log(2) / latent_dims)
+    # Summed over dimensions (not averaged): an untrained prior pays on the order of a nat per latent dim.
+    assert out["prior_nats"].item() > 0.2 * latent_dims
+
+
+def test_diffusion_loss_sums_over_the_example():
+    g = torch.Generator().manual_seed(0)
+    x, pred = torch.randn(3, 2, 5, 7, generator=g), torch.randn(3, 2, 5, 7, generator=g)
+    logsnr, rate, seed = torch.tensor([-3.0, 0.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]), ops.draw_seed("cpu", g)
+    eps = ops.gaussian_noise(x.shape, seed)
+    expected = 0.5 * rate * 1.5 * torch.sigmoid(0.5 - logsnr) * (eps - pred).square().sum((1, 2, 3))
+    got = ops.diffusion_loss(pred, x, logsnr, rate, seed, "eps", loss_factor=1.5, bias=0.5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_v_prediction_loss_is_the_eps_loss_of_the_converted_prediction():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 6, generator=g)
+    logsnr, rate, seed = torch.randn(4, generator=g) * 3, torch.rand(4, generator=g) + 0.5, ops.draw_seed("cpu", g)
+    x_t, _ = ops.noise_inject(x, logsnr, seed)
+    alpha, sigma = (c[:, None, None] for c in ops.alpha_sigma(logsnr))
+    eps_hat = sigma * x_t + alpha * v
+    torch.testing.assert_close(ops.diffusion_loss(v, x, logsnr, rate, seed, "v"),
+                               ops.diffusion_loss(eps_hat, x, logsnr, rate, seed, "eps"), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_encoder_from_both_terms(model):
+    # The decoder's output layer starts at zero (so at init it ignores z_0): randomise it for this test.
+    torch.nn.init.normal_(model.decoder.out[-1].weight, std=0.1)
+    x, g = images(), torch.Generator().manual_seed(0)
+    z_clean = model.encode(x)
+    z_0 = model.noisy_latent(z_clean, generator=g)
+    prior_term = model._diffusion_term(model.prior, z_clean, model.latent_schedule, g).mean()
+    decoder_term = model._diffusion_term(model.decoder, x, model.pixel_schedule, g, 3.0, 0.0, z_0=z_0).mean()
+    params = list(model.encoder.parameters())
+    for term in (prior_term, decoder_term):
+        grads = torch.autograd.grad(term, params, retain_graph=True)
+        assert sum(float(gr.abs().sum()) for gr in grads) > 0
+
+
+def test_one_latent_logsnr_drives_encoder_noise_and_prior_schedule():
+    model = UnifiedLatents(micro_config(model={"latent_logsnr_0": 4.0}).model)
+    assert model.latent_schedule.logsnr_max == 4.0
+    z = torch.zeros(2, *model.latent_shape)
+    noise_only = model.noisy_latent(z, seed=torch.tensor([7]))
+    sigma = ops.alpha_sigma(torch.tensor([4.0]))[1]
+    torch.testing.assert_close(noise_only, sigma * ops.gaussian_noise(z.shape, torch.tensor([7])))
+
+
+def test_sampling_shapes_and_stop_level(model):
+    g = torch.Generator().manual_seed(0)
+    z0 = model.sample_latents(3, steps=4, labels=torch.tensor([0, 1, 2]), guidance=2.0, generator=g)
+    assert z0.shape == (3, *model.latent_shape)
+    out = model.decode(z0, steps=3, generator=g)
+    assert out.shape == (3, 1, 16, 16) and out.abs().max() <= 1
+    assert logsnr_grid(model.latent_schedule, 4)[-1].item() == pytest.approx(model.latent_logsnr_0, abs=1e-5)
+    assert model.reconstruct(images(2), steps=2, sampler="ancestral", generator=g).shape == (2, 1, 16, 16)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, model):
+    from ul_fast.config import save_config
+
+    config = micro_config()
+    save_config(config, tmp_path / "config.yaml")
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    ema = make_ema_model(model)
+    save_checkpoint(tmp_path, 3, model, ema, {"note": "test"})
+    _, loaded = load_trained_model(tmp_path)
+    x = images(4)
+    a = model.eval().reconstruct(x, steps=3, generator=torch.Generator().manual_seed(5))
+    b = loaded.reconstruct(x, steps=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path, model):
+    from ul_fast.config import save_config
+
+    save_config(micro_config(), tmp_path / "config.yaml")
+    folder = save_checkpoint(tmp_path, 3, model, make_ema_model(model), {})
+    data = (folder / "ema.safetensors").read_bytes()
+    (folder / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_trained_model(tmp_path)
+    other = UnifiedLatents(micro_config(model={"latent_channels": 8}).model)
+    save_checkpoint(tmp_path, 6, other, make_ema_model(other), {})
+    with pytest.raises(CheckpointError, match="does not match|shape"):
+        load_trained_model(tmp_path)
+    with pytest.raises(CheckpointError, match="not a ul_fast run"):
+        load_trained_model(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.rand(2, 3, 16, 16), "1 channel"),
+    (torch.rand(2, 1, 32, 32), "size 16x16"),
+    (torch.rand(1, 16, 16), r"\[B, C, H, W\]"),
+])
+def test_bad_images_are_rejected(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model.stage1_loss(bad)
+
+
+def test_non_finite_pixels_are_rejected(model):
+    x = images(2)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.encode(x)
+
+
+@pytest.mark.parametrize("loss_factor", [0.0, -1.5])
+def test_non_positive_loss_factor_is_rejected(loss_factor):
+    with pytest.raises(ConfigError, match="loss_factor"):
+        micro_config(model={"loss_factor": loss_factor})
+    with pytest.raises(ValueError, match="loss_factor"):
+        x = torch.zeros(2, 3)
+        ops.diffusion_loss(x, x, torch.zeros(2), torch.ones(2), ops.draw_seed("cpu"), "eps", loss_factor, 0.0)
+
+
+def test_ops_reject_mismatched_arguments():
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="logsnr must have shape"):
+        ops.noise_inject(x, torch.zeros(2), ops.draw_seed("cpu"))
+    with pytest.raises(ValueError, match="seed must be an int64"):
+        ops.noise_inject(x, torch.zeros(3), torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ops.noise_inject(x.long(), torch.zeros(3), ops.draw_seed("cpu"))
