@@ -184,14 +184,15 @@ __device__ __forceinline__ float loss_residual(bool v_prediction, float alpha, f
 
 constexpr int64_t kLossChunk = 4 * kThreads * 8;  // elements per block: 8 groups per thread
 
-// Grid (chunks, B): block (c, b) sums r^2 over its chunk of example b into partial[b * chunks + c].
+// Grid (B * chunks): block b * chunks + c sums r^2 over chunk c of example b into partial[b * chunks + c]
+// (one flat grid dimension, so any batch size fits).
 template <typename TP, typename TX>
 __global__ void __launch_bounds__(kThreads)
     loss_forward_kernel(const TP* __restrict__ pred, const TX* __restrict__ x, const float* __restrict__ logsnr,
-                        const int64_t* __restrict__ seed_ptr, int64_t per, bool kVec, bool kVPred,
-                        float* __restrict__ partial) {
-  const int64_t b = blockIdx.y;
-  const int64_t lo = b * per + static_cast<int64_t>(blockIdx.x) * kLossChunk;
+                        const int64_t* __restrict__ seed_ptr, int64_t per, int64_t chunks, bool kVec,
+                        bool kVPred, float* __restrict__ partial) {
+  const int64_t b = blockIdx.x / chunks, c = blockIdx.x % chunks;
+  const int64_t lo = b * per + c * kLossChunk;
   const int64_t hi = min(lo + kLossChunk, (b + 1) * per);
   float alpha, sigma;
   alpha_sigma(logsnr[b], &alpha, &sigma);
@@ -228,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     float total = 0.0f;
     for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
-    partial[b * gridDim.x + blockIdx.x] = total;
+    partial[blockIdx.x] = total;
   }
 }
 
@@ -482,9 +483,9 @@ void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int devi
         using TP = decltype(pred_tag);
         using TX = decltype(x_tag);
         const bool vec = aligned4(a.pred, sizeof(TP)) && aligned4(a.x, sizeof(TX));
-        const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(a.batch));
+        const unsigned int grid = static_cast<unsigned int>(chunks * a.batch);
         loss_forward_kernel<TP, TX><<<grid, kThreads, 0, as_stream(stream)>>>(
-            static_cast<const TP*>(a.pred), static_cast<const TX*>(a.x), a.logsnr, a.seed, per, vec,
+            static_cast<const TP*>(a.pred), static_cast<const TX*>(a.x), a.logsnr, a.seed, per, chunks, vec,
             a.v_prediction, workspace);
       });
     });
