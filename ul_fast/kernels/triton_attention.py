@@ -401,6 +401,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    ctx.set_materialize_grads(False)  # an unused lse gets grad None, not a zero tensor to read
 
 
 def _flash_attention_grad(ctx, grad_out, grad_lse):
