@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ul_fast import ops
+from ul_fast.ops.dispatch import load_fast_backends
+
+# Register the fast kernels now, not at the first op call, which may happen inside torch.compile tracing.
+load_fast_backends()
 
 
 class LogSNREmbedding(nn.Module):

@@ -42,7 +42,7 @@ def register(op: str, device_type: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _load_fast_backends() -> None:
+def load_fast_backends() -> None:
     """Import each kernel module once; one that cannot load warns and leaves the reference in place."""
     global _loaded
     if _loaded:
@@ -60,7 +60,7 @@ def _load_fast_backends() -> None:
 def implementation(op: str, device_type: str) -> Callable:
     """The function that runs ``op`` for tensors on ``device_type`` under the current backend."""
     if backend() == "auto":
-        _load_fast_backends()
+        load_fast_backends()
         fast = _FAST.get((op, device_type))
         if fast is not None:
             return fast
@@ -69,7 +69,7 @@ def implementation(op: str, device_type: str) -> Callable:
 
 def describe() -> dict[str, str]:
     """Which implementation each op uses per device type, e.g. for logs and ``build_info``."""
-    _load_fast_backends()
+    load_fast_backends()
     ops = sorted({op for op, _ in _FAST} | {"noise_inject", "diffusion_loss", "logsnr_embed",
                                              "attention", "adaln_layernorm"})
     table = {}
