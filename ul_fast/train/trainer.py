@@ -20,7 +20,7 @@ from ul_fast.config import Config, save_config
 from ul_fast.data import BatchStream, load_dataset
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
-from ul_fast.train.checkpoint import latest_checkpoint, load_state, load_weights_into, save_checkpoint
+from ul_fast.train.checkpoint import CheckpointError, latest_checkpoint, load_state, load_weights_into, save_checkpoint
 from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
 from ul_fast.train.logging import MetricsLog
 
@@ -60,11 +60,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = UnifiedLatents(config.model).to(self.device)
         self.ema_model = make_ema_model(self.model)
-        self.ddp_model = None
-        if world_size > 1:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+        self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         if t.compile:
             for name in ("encoder", "prior", "decoder", "base"):
                 getattr(self.model, name).compile()
@@ -104,6 +100,10 @@ class Trainer:
                                            betas=(0.9, 0.99), fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, t.warmup_steps, self.stage_steps))
+        if self.world_size > 1:
+            # Wrapped per stage, after requires_grad is set, so DDP syncs exactly the trained networks.
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -115,19 +115,30 @@ class Trainer:
     def global_step(self) -> int:
         return self.stage_step + (self.config.train.stage1_steps if self.stage == 2 else 0)
 
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's generator states (each rank draws its own times, noise and dropout)."""
+        state = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        if self.world_size == 1:
+            return [state]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
+
     def training_state(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "stage_step": self.stage_step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": self._rng_states(), "world_size": self.world_size,
             "skipped_steps": self.skipped_steps, "frozen_bits_per_pixel": self.frozen_bits_per_pixel,
             "config": self.config.to_dict(),
         }
 
     def save(self) -> None:
+        """Checkpoint (a collective under DDP: every rank calls it, rank 0 writes)."""
+        state = self.training_state()
         if self.is_main:
-            save_checkpoint(self.run_dir, self.global_step, self.model, self.ema_model, self.training_state(),
+            save_checkpoint(self.run_dir, self.global_step, self.model, self.ema_model, state,
                             self.config.train.keep_last)
 
     def resume(self) -> None:
@@ -142,10 +153,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(f"{folder} was written by {state['world_size']} processes; resume it with the "
+                                  f"same number (got {self.world_size}) to continue exactly")
+        rng = state["rng"][self.rank]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_rng"])
+        if rng["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
         self.skipped_steps = state["skipped_steps"]
         self.frozen_bits_per_pixel = state["frozen_bits_per_pixel"]
         self.log.truncate_after(self.global_step)
@@ -170,6 +185,11 @@ class Trainer:
             (out["loss"] / t.grad_accumulation).backward()
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accumulation
+        if self.world_size > 1:  # log the global batch's means, identical on every rank
+            names = sorted(totals)
+            stacked = torch.stack([totals[k] for k in names])
+            torch.distributed.all_reduce(stacked)
+            totals = dict(zip(names, stacked / self.world_size))
         grad_norm = torch.nn.utils.clip_grad_norm_(self._stage_parameters(), t.grad_clip)
         if not (torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -271,7 +291,8 @@ class Trainer:
                               images_per_s=count * t.batch_size * t.grad_accumulation / max(elapsed, 1e-9))
                 if self.stage == 2:
                     record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
-                if self.stage == 1 and (self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps):
+                at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
+                if self.stage == 1 and at_eval and self.is_main:
                     record.update(self.evaluate())
                 self._log(record)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
