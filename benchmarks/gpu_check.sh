@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared device run for the compiled core: build, GPU tests, benchmarks. Results go under $OUT
-# (default ./gpu_out); the last thing printed is a short summary table.
+# (default /tmp/ul_fast_gpu_check); the last thing printed is a short summary table.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # PYTHON=python3.12 to pick the interpreter
 #
@@ -10,11 +10,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/gpu_out}
+OUT=${OUT:-/tmp/ul_fast_gpu_check}
 mkdir -p "$OUT"
 summary="$OUT/summary.md"
 : > "$summary"
-note() { echo "$*" | tee -a "$summary"; }
+note() { echo "$*" >> "$summary"; echo "[gpu_check] $*" >&2; }
+seconds() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 # (1) build
 t0=$(date +%s.%N)
@@ -33,8 +34,8 @@ $PY -c "import json, ul_fast; print(json.dumps(ul_fast.build_info(), indent=1))"
 note "## ul_fast compiled core: GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
 note "- device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 note "- software: $($PY -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")' 2>&1), $(nvcc --version 2>/dev/null | tail -1)"
-note "- editable build (pip install --no-build-isolation -e .): rc=$build_rc, $(printf '%.1f' "$(echo "$t1 - $t0" | bc)") s"
-note "- wheel from a clean copy of the sources: rc=$clean_rc, $(printf '%.1f' "$(echo "$t3 - $t2" | bc)") s"
+note "- editable build (pip install --no-build-isolation -e .): rc=$build_rc, $(seconds "$t0" "$t1") s"
+note "- wheel from a clean copy of the sources: rc=$clean_rc, $(seconds "$t2" "$t3") s"
 note "- build_info: $($PY -c "import ul_fast; i = ul_fast.build_info(); print(f\"extension={i['extension']} cuda={i['cuda']} archs={i['cuda_archs']} cuda_available={i['cuda_available']}\")" 2>&1 | tail -1)"
 if [ "$build_rc" != 0 ]; then
   note "BUILD FAILED: see $OUT/build.log"; tail -30 "$OUT/build.log"; exit 1
@@ -45,7 +46,7 @@ $PY -m pytest -m gpu tests/ -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 note "- pytest -m gpu tests/: $(tail -1 "$OUT/pytest_gpu.log")"
 
 # (3) op benchmarks
-$PY benchmarks/gpu_bench_ops.py --out "$OUT/bench_ops.json" --md "$OUT/bench_ops.md" > "$OUT/bench_ops.log" 2>&1
+$PY benchmarks/gpu_bench_ops.py --out "$OUT/bench_ops.json" --md "$OUT/bench_ops_table.md" > "$OUT/bench_ops.log" 2>&1
 note "- gpu_bench_ops.py: rc=$?"
 
 # (4) attention benchmark (another part of the project), if present
@@ -58,6 +59,10 @@ echo
 grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20
 [ -f benchmarks/gpu_bench_attention.py ] && tail -25 "$OUT/bench_attention.log"
 echo
-cat "$summary"
-echo
-[ -f "$OUT/bench_ops.md" ] && cat "$OUT/bench_ops.md" | tee -a "$summary" || tail -30 "$OUT/bench_ops.log"
+if [ -f "$OUT/bench_ops_table.md" ]; then
+  cat "$OUT/bench_ops_table.md" >> "$summary"
+  rm "$OUT/bench_ops_table.md"  # kept in summary.md ($OUT returns at most 8 files)
+  cat "$summary"
+else
+  cat "$summary"; echo; tail -30 "$OUT/bench_ops.log"
+fi
