@@ -110,3 +110,36 @@ def test_cli_errors_are_clear(tmp_path):
     missing = _cli("sample", "--run", str(tmp_path / "nothing"))
     assert missing.wait(timeout=120) == 2
     assert "not a ul_fast run folder" in missing.stdout.read()
+
+
+@pytest.mark.slow
+def test_tiny_text_conditioned_run_and_prompt_sampling(tmp_path):
+    pytest.importorskip("tokenizers", reason="needs the text extra: pip install 'ul-fast[text]'")
+    data = {k: dict(v) for k, v in MICRO.items()}
+    data["model"].update(num_classes=0, context_dim=384, text_max_tokens=16)
+    config = tmp_path / "micro-text.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    done = _cli("train", "--config", str(config), "--out", str(run))
+    assert done.wait(timeout=600) == 0, done.stdout.read()
+    assert (run / "samples.png").exists() and any((run / "text-cache").rglob("*.safetensors"))
+    grid = tmp_path / "sneakers.png"
+    sampled = _cli("sample", "--run", str(run), "-n", "3", "--out", str(grid), "--prompt", "a photo of a sneaker",
+                   "--no-progress")
+    assert sampled.wait(timeout=600) == 0, sampled.stdout.read()
+    assert grid.stat().st_size > 0
+    without = _cli("sample", "--run", str(run), "-n", "3", "--out", str(grid))
+    assert without.wait(timeout=600) == 2 and "give --prompt" in without.stdout.read()
+
+
+def test_plot_command(tmp_path):
+    pytest.importorskip("matplotlib", reason="needs the plot extra: pip install 'ul-fast[plot]'")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "stage": 1, "loss": 100.0 / s,
+                                                            "bits_per_pixel": 0.1, "psnr": 10 + s}) + "\n"
+                                               for s in range(1, 6)))
+    done = subprocess.run([sys.executable, "-m", "ul_fast.cli", "plot", str(run)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run / "curves.png").stat().st_size > 0

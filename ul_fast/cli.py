@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> None:
         config = load_config(str(run_dir / "config.yaml"), args.set)
     else:
         if not args.out:
-            raise SystemExit("ul-fast train: give --out RUN (a new run) or --resume RUN")
+            raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
         run_dir = Path(args.out)
         config = load_config(args.config, args.set)
     if distributed and torch.cuda.is_available() and config.train.device == "auto":
@@ -54,20 +54,35 @@ def _sample(args: argparse.Namespace) -> None:
     config, model = load_trained_model(args.run, device)
     s = config.sample
     generator = torch.Generator(device).manual_seed(args.seed)
-    labels = None
+    labels, text = None, {}
+    if args.prompt is not None:
+        if not config.model.context_dim:
+            raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
+        from ul_fast.text import TextEncoder
+
+        embedding = TextEncoder(device, max_tokens=config.model.text_max_tokens).encode([args.prompt])
+        text = {"context": embedding.tokens.expand(args.n, -1, -1), "pooled": embedding.pooled.expand(args.n, -1)}
+    elif config.model.context_dim:
+        raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker'")
     if args.label is not None:
         if not 0 <= args.label < config.model.num_classes:
-            raise SystemExit(f"--label must be in [0, {config.model.num_classes}), got {args.label}")
+            raise ValueError(f"--label must be in [0, {config.model.num_classes}), got {args.label}")
         labels = torch.full((args.n,), args.label, device=device, dtype=torch.long)
     elif config.model.num_classes:
         labels = torch.arange(args.n, device=device) % config.model.num_classes
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
                           args.sampler or s.sampler, generator, progress=not args.no_progress, labels=labels,
                           guidance=s.guidance if args.guidance is None else args.guidance,
-                          guidance_interval=tuple(s.guidance_interval))
+                          guidance_interval=tuple(s.guidance_interval), **text)
     save_grid(images.float(), args.out, columns=config.model.num_classes if labels is not None and args.label
               is None else None)
     print(f"wrote {args.n} samples to {args.out}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from ul_fast.eval.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
 
 
 def _info(_: argparse.Namespace) -> None:
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--run", required=True)
     sample.add_argument("-n", type=int, default=64)
     sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--prompt", help="caption for a text-conditioned run, e.g. 'a photo of a sneaker'")
     sample.add_argument("--label", type=int, help="class label for every image (default: all classes in turn)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     sample.add_argument("--sampler", choices=["ddim", "ancestral"])
@@ -108,13 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--no-progress", action="store_true")
     sample.set_defaults(func=_sample)
 
+    plot = sub.add_parser("plot", help="draw loss, bits/pixel and PSNR curves of a run to PNG")
+    plot.add_argument("run")
+    plot.add_argument("--out", help="PNG path (default RUN/curves.png)")
+    plot.set_defaults(func=_plot)
+
     info = sub.add_parser("info", help="print the build and which kernel each op uses")
     info.set_defaults(func=_info)
 
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, RuntimeError) as error:  # configuration and checkpoint errors: a clear message
+    except (ValueError, RuntimeError, ImportError) as error:  # configuration and checkpoint errors: a clear message
         if os.environ.get("UL_FAST_DEBUG"):
             raise
         print(f"ul-fast: error: {error}", file=sys.stderr)

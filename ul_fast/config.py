@@ -71,7 +71,9 @@ class ModelConfig:
     base_bias: float = 0.0
     num_classes: int = 0
     label_dropout: float = 0.1
+    # Text conditioning (base model): 384 = all-MiniLM-L6-v2 (extra ul-fast[text]); None = no text.
     context_dim: int | None = None
+    text_max_tokens: int = 16
 
 
 @dataclass
@@ -97,6 +99,8 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 10
     progress: bool = True
+    # A finished run whose EMA weights initialise this one (e.g. stage 2 alone: stage1_steps: 0).
+    init_from: str | None = None
 
 
 @dataclass
@@ -254,6 +258,9 @@ def validate(config: Config) -> None:
     _require(m.prediction in ("v", "eps"), f"model.prediction must be 'v' or 'eps', got {m.prediction!r}")
     _require(0 <= m.label_dropout < 1, f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
     _require(m.num_classes >= 0, "model.num_classes must be >= 0")
+    _require(m.context_dim in (None, 384),
+             f"model.context_dim must be null or 384 (all-MiniLM-L6-v2), got {m.context_dim}")
+    _require(m.text_max_tokens > 0, "model.text_max_tokens must be > 0")
     factor = m.encoder.patch * 2 ** (len(m.encoder.channels) - 1)
     _require(m.image_size % factor == 0,
              f"model.image_size {m.image_size} must be divisible by the encoder's downsampling factor {factor}")
@@ -274,6 +281,10 @@ def validate(config: Config) -> None:
     _require(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _require(t.keep_last >= 1, "train.keep_last must be >= 1")
+    _require(t.stage1_steps > 0 or not t.stage2_steps or t.init_from is not None,
+             "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
+    _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
+             "train.log_every, eval_every and checkpoint_every must be > 0")
     _require(s.sampler in ("ddim", "ancestral"), f"sample.sampler must be 'ddim' or 'ancestral', got {s.sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
     _require(len(s.guidance_interval) == 2, "sample.guidance_interval must be [min_logsnr, max_logsnr]")

@@ -59,6 +59,8 @@ class Trainer:
             t.precision == "auto" and self.device.type == "cuda")) else None
         torch.manual_seed(t.seed)
         self.model = UnifiedLatents(config.model).to(self.device)
+        if t.init_from:  # e.g. stage 2 alone, from a finished stage-1 run
+            load_weights_into(self.model, latest_checkpoint(t.init_from) / "ema.safetensors")
         self.ema_model = make_ema_model(self.model)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         if t.compile:
@@ -70,6 +72,9 @@ class Trainer:
         self.stream = BatchStream(self.train_data, t.batch_size, t.seed, rank, world_size)
         # Per-rank generator for times, noise seeds and label dropout: saved with the checkpoint.
         self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + rank)
+        # Caption choice for text conditioning draws on the CPU (the caption bank indexes there).
+        self.caption_generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 500)
+        self._caption_bank = None
         self.stage, self.stage_step, self.bad_steps = 1, 0, 0
         self.skipped_steps = 0
         self.frozen_bits_per_pixel: float | None = None
@@ -117,7 +122,8 @@ class Trainer:
 
     def _rng_states(self) -> list[dict[str, Any]]:
         """Every rank's generator states (each rank draws its own times, noise and dropout)."""
-        state = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        state = {"generator": self.generator.get_state(), "caption_generator": self.caption_generator.get_state(),
+                 "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         if self.world_size == 1:
             return [state]
@@ -158,6 +164,7 @@ class Trainer:
                                   f"same number (got {self.world_size}) to continue exactly")
         rng = state["rng"][self.rank]
         self.generator.set_state(rng["generator"])
+        self.caption_generator.set_state(rng["caption_generator"])
         torch.set_rng_state(rng["torch_rng"])
         if rng["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
@@ -166,13 +173,36 @@ class Trainer:
         self.log.truncate_after(self.global_step)
 
     # ----------------------------------------------------------------------------- one step
+    @property
+    def caption_bank(self):
+        """Embeddings of every Fashion-MNIST caption (text-conditioned models only), built on first use."""
+        if self._caption_bank is None:
+            from ul_fast.data import all_fashion_mnist_captions
+            from ul_fast.text import ClassCaptionBank, TextEncoder
+
+            if self.train_data.labels is None or self.train_data.num_classes != 10:
+                raise ValueError("text conditioning draws captions per Fashion-MNIST class: it needs the labelled "
+                                 "Fashion-MNIST data (data.dataset fmnist-embedded or fmnist)")
+            encoder = TextEncoder(self.device, cache_dir=self.run_dir / "text-cache",
+                                  max_tokens=self.config.model.text_max_tokens)
+            self._caption_bank = ClassCaptionBank(all_fashion_mnist_captions(), encoder)
+        return self._caption_bank
+
+    def _conditioning(self, labels: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Stage-2 conditioning of a batch: class labels and/or caption embeddings for its labels."""
+        m = self.config.model
+        conditioning: dict[str, torch.Tensor | None] = {"labels": labels if m.num_classes else None}
+        if m.context_dim:
+            text = self.caption_bank.sample(labels, self.caption_generator)
+            conditioning.update(context=text.tokens.to(self.device), pooled=text.pooled.to(self.device))
+        return conditioning
+
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.ddp_model if self.ddp_model is not None else self.model
         with self._autocast():
             if self.stage == 1:
                 return model(images, generator=self.generator, stage=1)
-            labels = labels if self.config.model.num_classes else None
-            return model(images, labels=labels, generator=self.generator, stage=2)
+            return model(images, generator=self.generator, stage=2, **self._conditioning(labels))
 
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step (with gradient accumulation); None if it was skipped as non-finite."""
@@ -208,33 +238,47 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out bits/pixel (fixed noise) and PSNR of diffusion-sampled reconstructions (EMA weights)."""
+    def evaluate(self, grid_paths: tuple[Path, ...] = ()) -> dict[str, float]:
+        """Held-out bits/pixel (fixed noise) and PSNR of diffusion-sampled reconstructions (EMA weights);
+        the (original, reconstruction) pairs are written to each of ``grid_paths``."""
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(1234)
         with self._autocast():
             bits = [float(model.stage1_loss(self.test_data.images[i:i + 256].to(self.device), generator)
                           ["bits_per_pixel"]) for i in range(0, min(len(self.test_data), 1024), 256)]
             recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
+        for path in grid_paths:
+            save_grid(side_by_side(self.eval_images, recon), path, columns=8)
         return {"heldout_bits_per_pixel": sum(bits) / len(bits),
                 "psnr": float(psnr(recon, self.eval_images).mean())}
 
-    def write_grids(self) -> None:
-        """``reconstructions.png`` (original, reconstruction pairs) and ``samples.png``."""
+    @torch.no_grad()
+    def write_samples(self, grid_paths: tuple[Path, ...]) -> None:
+        """A grid of generated images (EMA weights; one column per class for class-conditional models)."""
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(4321)
-        with torch.no_grad(), self._autocast():
-            recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
-            save_grid(side_by_side(self.eval_images, recon), self.run_dir / "reconstructions.png", columns=8)
-            if self.config.train.stage2_steps > 0:
-                n = s.grid_images
-                labels = None
-                if self.config.model.num_classes:
-                    labels = torch.arange(n, device=self.device) % self.config.model.num_classes
-                images = model.sample(n, s.latent_steps, s.decoder_steps, s.sampler, generator, labels=labels,
-                                      guidance=s.guidance, guidance_interval=tuple(s.guidance_interval))
-                save_grid(images.float(), self.run_dir / "samples.png",
-                          columns=self.config.model.num_classes or None)
+        m = self.config.model
+        classes = m.num_classes or (10 if m.context_dim else 0)
+        labels = torch.arange(s.grid_images, device=self.device) % classes if classes else None
+        conditioning: dict[str, Any] = {"labels": labels if m.num_classes else None}
+        if m.context_dim:  # the first caption of each class, e.g. "a photo of a t-shirt"
+            first = self.caption_bank.offsets[labels.cpu()]
+            text = self.caption_bank.embedding[first]
+            conditioning.update(context=text.tokens.to(self.device), pooled=text.pooled.to(self.device))
+        with self._autocast():
+            images = model.sample(s.grid_images, s.latent_steps, s.decoder_steps, s.sampler, generator,
+                                  guidance=s.guidance, guidance_interval=tuple(s.guidance_interval), **conditioning)
+        for path in grid_paths:
+            save_grid(images.float(), path, columns=classes or None)
+
+    def _evaluate_and_draw(self) -> dict[str, float]:
+        """Stage 1: metrics and ``reconstructions.png``; stage 2: ``samples.png``. Dated copies go to grids/."""
+        step = f"step_{self.global_step:08d}.png"
+        if self.stage == 1:
+            return self.evaluate((self.run_dir / "grids" / f"reconstructions_{step}",
+                                  self.run_dir / "reconstructions.png"))
+        self.write_samples((self.run_dir / "grids" / f"samples_{step}", self.run_dir / "samples.png"))
+        return {}
 
     # ----------------------------------------------------------------------------- the loop
     def _log(self, record: dict[str, Any]) -> None:
@@ -259,15 +303,13 @@ class Trainer:
             if (self.run_dir / "metrics.jsonl").exists():
                 (self.run_dir / "metrics.jsonl").unlink()
         if self.stage == 1 and self.stage_step >= t.stage1_steps and t.stage2_steps > 0:
-            self._start_stage(2)
+            self._start_stage(2)  # stage 1 finished before the checkpoint, or is skipped (stage1_steps: 0)
         while True:
             self._run_stage()
             if self.stage == 1 and t.stage2_steps > 0:
                 self._start_stage(2)
                 continue
             break
-        if self.is_main:
-            self.write_grids()
 
     def _run_stage(self) -> None:
         t = self.config.train
@@ -292,8 +334,8 @@ class Trainer:
                 if self.stage == 2:
                     record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
                 at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
-                if self.stage == 1 and at_eval and self.is_main:
-                    record.update(self.evaluate())
+                if at_eval and self.is_main:
+                    record.update(self._evaluate_and_draw())
                 self._log(record)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
                                 bpp=f"{record.get('bits_per_pixel') or 0:.4f}")
