@@ -3,6 +3,7 @@ which test_compiled_ops.test_build_info_reports_the_build checks) and the wheel'
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,9 +24,13 @@ def test_wheel_builds_from_clean_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{REPO}", str(clone)], check=True)
     env = dict(os.environ, UL_FAST_CUDA="0")
+    # Without build isolation when this environment has the build requirements (fast, offline); a CI venv
+    # that installed the package with isolation may lack pybind11/setuptools, so pip fetches them then.
+    have_build_deps = all(importlib.util.find_spec(name) for name in ("pybind11", "setuptools"))
+    isolation = ["--no-build-isolation"] if have_build_deps else []
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
-         str(tmp_path / "wheels"), str(clone)],
+        [sys.executable, "-m", "pip", "wheel", *isolation, "--no-deps", "-q", "-w", str(tmp_path / "wheels"),
+         str(clone)],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (wheel,) = (tmp_path / "wheels").glob("ul_fast-*.whl")
