@@ -74,6 +74,9 @@ class ModelConfig:
     # Text conditioning (base model): 384 = all-MiniLM-L6-v2 (extra ul-fast[text]); None = no text.
     context_dim: int | None = None
     text_max_tokens: int = 16
+    # two_stage: prior in stage 1, base model in stage 2. single_stage (paper App. B): the base model trains
+    # with encoder and decoder, up to a maximum log-SNR ~ Logistic(base_bias, 1) truncated at latent_logsnr_0.
+    mode: str = "two_stage"
 
 
 @dataclass
@@ -261,6 +264,9 @@ def validate(config: Config) -> None:
     _require(m.context_dim in (None, 384),
              f"model.context_dim must be null or 384 (all-MiniLM-L6-v2), got {m.context_dim}")
     _require(m.text_max_tokens > 0, "model.text_max_tokens must be > 0")
+    _require(m.mode in ("two_stage", "single_stage"), f"model.mode must be two_stage or single_stage, got {m.mode!r}")
+    _require(m.mode == "two_stage" or t.stage2_steps == 0,
+             "model.mode single_stage trains the base model in stage 1: set train.stage2_steps to 0")
     factor = m.encoder.patch * 2 ** (len(m.encoder.channels) - 1)
     _require(m.image_size % factor == 0,
              f"model.image_size {m.image_size} must be divisible by the encoder's downsampling factor {factor}")

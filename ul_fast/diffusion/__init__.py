@@ -7,6 +7,7 @@ from ul_fast.diffusion.math import (
     per_example,
     prior_kl,
     sigmoid_crossover,
+    truncated_logistic,
     v_target,
     x_from_eps,
     x_from_v,
@@ -24,5 +25,5 @@ from ul_fast.diffusion.schedules import (
 __all__ = [
     "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
     "antithetic_times", "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl",
-    "resolution_shift", "sigmoid_crossover", "v_target", "x_from_eps", "x_from_v",
+    "resolution_shift", "sigmoid_crossover", "truncated_logistic", "v_target", "x_from_eps", "x_from_v",
 ]

@@ -71,3 +71,15 @@ def sigmoid_crossover(loss_factor: float, bias: float) -> float:
     if loss_factor <= 1:
         raise ValueError(f"the crossover exists only for loss_factor > 1, got {loss_factor}")
     return bias + float(torch.log(torch.tensor(loss_factor - 1.0)))
+
+
+def truncated_logistic(batch: int, loc: float, upper: float, device: torch.device | str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``λ ~ Logistic(loc, 1)`` conditioned on ``λ ≤ upper``, by inverse CDF; fp32 ``[B]``.
+
+    Its survival function ``P(λ_max ≥ λ) ∝ sigmoid(loc − λ) − sigmoid(loc − upper)`` is what turns the
+    unweighted ELBO up to a random ``λ_max`` into a sigmoid-weighted loss (Kingma & Gao 2023).
+    """
+    top = torch.sigmoid(torch.tensor(upper - loc, dtype=torch.float64)).item()
+    u = (torch.rand(batch, device=device, generator=generator, dtype=torch.float64) * top).clamp_min(1e-12)
+    return (loc + torch.log(u) - torch.log1p(-u)).float()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ul_fast import ops
 from ul_fast.config import ModelConfig
-from ul_fast.diffusion import antithetic_times, make_schedule, prior_kl, x_from_eps, x_from_v
+from ul_fast.diffusion import antithetic_times, make_schedule, prior_kl, truncated_logistic, x_from_eps, x_from_v
 from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
 from ul_fast.sampling import logsnr_grid, sample
 
@@ -40,12 +40,13 @@ class UnifiedLatents(nn.Module):
             return ViTDenoiser(c.latent_channels, self.latent_size, tuple(v.widths), tuple(v.depths), v.head_dim,
                                v.patch, v.mlp_ratio, v.dropout, **extra)
 
-        self.prior = vit(c.prior)
+        self.single_stage = c.mode == "single_stage"
+        self.prior = None if self.single_stage else vit(c.prior)  # single-stage: the base model is the prior
         self.base = vit(c.base, num_classes=c.num_classes, context_dim=c.context_dim)
         d = c.decoder
         self.decoder = UViTDecoder(c.image_channels, c.image_size, c.latent_channels, d.patch,
                                    tuple(d.conv_channels), d.blocks_per_stage, d.width, d.depth, d.head_dim,
-                                   d.mlp_ratio, d.dropout)
+                                   d.mlp_ratio, d.dropout, latent_logsnr_conditioning=self.single_stage)
         self.latent_logsnr_0 = c.latent_logsnr_0
         self.latent_schedule = make_schedule(c.latent_schedule, c.latent_logsnr_min, self.latent_logsnr_0,
                                              self.latent_size, c.pixel_base_resolution,
@@ -88,30 +89,57 @@ class UnifiedLatents(nn.Module):
         return ops.noise_inject(z_clean, logsnr, seed)[0]
 
     def _diffusion_term(self, net, clean: torch.Tensor, schedule, generator, loss_factor: float = 1.0,
-                        bias: float | None = None, **net_inputs) -> torch.Tensor:
-        """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` at antithetic times for one diffusion model."""
+                        bias: float | None = None, max_logsnr: torch.Tensor | None = None,
+                        **net_inputs) -> torch.Tensor:
+        """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` at antithetic times for one diffusion model.
+
+        ``max_logsnr [B]`` truncates each example's ELBO to ``λ ≤ max_logsnr`` (single-stage training).
+        """
         t = antithetic_times(clean.shape[0], clean.device, generator)
         logsnr = schedule.logsnr(t)
+        rate = schedule.neg_dlogsnr_dt(t)
+        if max_logsnr is not None:
+            rate = rate * (logsnr <= max_logsnr).to(rate.dtype)
         seed = ops.draw_seed(clean.device, generator)
         noisy, _ = ops.noise_inject(clean, logsnr, seed)
         pred = net(noisy, logsnr, **net_inputs)
-        return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, schedule.neg_dlogsnr_dt(t), seed,
-                                  self.config.prediction, loss_factor, bias)
+        return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
+                                  loss_factor, bias)
 
-    def stage1_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def stage1_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                    labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                    pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Joint loss ``L = L_z + L_x`` and its breakdown.
 
         Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image: unweighted prior ELBO
         on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the latent's information);
         ``prior_kl``; ``decoder_loss`` (sigmoid-weighted ``L_x``); ``bits_per_pixel`` (``L_z / ln 2 /
         (H·W)``); ``bits_per_latent_dim``.
+
+        Single-stage mode (paper App. B): each example's latent noise level is drawn,
+        ``λ_max ~ Logistic(b_base, 1)`` truncated at ``λ_z(0)``; the decoder sees the latent at that level
+        (and the level itself), and ``L_z`` is the base model's unweighted ELBO of it, truncated at
+        ``λ_max``. Its expectation over ``λ_max`` is the base model's sigmoid-weighted loss. Conditioning
+        (labels, text) is used only in this mode, with dropout for guidance.
         """
         z_clean = self.encode(x)
-        z_0 = self.noisy_latent(z_clean, generator=generator)
         latent_kl = prior_kl(z_clean, self.config.latent_logsnr_min)
-        prior_nats = self._diffusion_term(self.prior, z_clean, self.latent_schedule, generator) + latent_kl
+        if self.single_stage:
+            latent_logsnr = truncated_logistic(x.shape[0], self.config.base_bias, self.latent_logsnr_0, x.device,
+                                               generator)
+            z_0 = ops.noise_inject(z_clean, latent_logsnr, ops.draw_seed(x.device, generator))[0]
+            if any(c is not None for c in (labels, context, pooled)):
+                labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+            prior_nats = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator,
+                                              max_logsnr=latent_logsnr, labels=labels, context=context,
+                                              pooled=pooled) + latent_kl
+            decoder_inputs = {"z_0": z_0, "latent_logsnr": latent_logsnr}
+        else:
+            z_0 = self.noisy_latent(z_clean, generator=generator)
+            prior_nats = self._diffusion_term(self.prior, z_clean, self.latent_schedule, generator) + latent_kl
+            decoder_inputs = {"z_0": z_0}
         decoder_loss = self._diffusion_term(self.decoder, x, self.pixel_schedule, generator,
-                                            self.config.loss_factor, self.config.bias, z_0=z_0)
+                                            self.config.loss_factor, self.config.bias, **decoder_inputs)
         prior_mean = prior_nats.mean()
         pixels = self.config.image_size * self.config.image_size
         return {
@@ -128,7 +156,7 @@ class UnifiedLatents(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """The training loss of ``stage`` (1 or 2); a forward so that DDP can wrap the model."""
         if stage == 1:
-            return self.stage1_loss(x, generator)
+            return self.stage1_loss(x, generator, labels, context, pooled)
         if stage == 2:
             return self.stage2_loss(x, labels, context, pooled, generator)
         raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -172,8 +200,12 @@ class UnifiedLatents(nn.Module):
                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max, then one final
         denoising step; clamped to [−1, 1]."""
+        latent_logsnr = None
+        if self.single_stage:  # sampled latents stop at λ_z(0)
+            latent_logsnr = torch.full((z_0.shape[0],), self.latent_logsnr_0, device=z_0.device)
+
         def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-            return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0), logsnr)
+            return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
         x = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
         grid = logsnr_grid(self.pixel_schedule, steps)
@@ -204,6 +236,8 @@ class UnifiedLatents(nn.Module):
 
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
+                if self.prior is None:
+                    raise ValueError("single-stage models have no separate prior: sample the base model")
                 return self._to_denoised(z_t, self.prior(z_t, logsnr), logsnr)
             cond = self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
             lam = float(logsnr[0])

@@ -14,13 +14,15 @@ class UViTDecoder(nn.Module):
 
     ``z_0`` enters twice: upsampled (nearest) to the image size and concatenated to ``x_t``, and
     resized to the bottleneck grid, projected and added to the tokens.
-    forward: x_t ``[B, C, H, W]``, logsnr ``[B]``, z_0 ``[B, C_z, h, w]`` → v̂ ``[B, C, H, W]``.
+    forward: x_t ``[B, C, H, W]``, logsnr ``[B]``, z_0 ``[B, C_z, h, w]`` (and, for single-stage
+    training, the latent's log-SNR ``[B]``) → v̂ ``[B, C, H, W]``.
     The bottleneck grid is ``H / (patch · 2^len(conv_channels))``.
     """
 
     def __init__(self, channels: int, image_size: int, latent_channels: int, patch: int = 2,
                  conv_channels: tuple[int, ...] = (128, 256, 512), blocks_per_stage: int = 2, width: int = 1024,
-                 depth: int = 8, head_dim: int = 64, mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 depth: int = 8, head_dim: int = 64, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 latent_logsnr_conditioning: bool = False):
         super().__init__()
         factor = patch * 2 ** len(conv_channels)
         if image_size % factor:
@@ -31,6 +33,8 @@ class UViTDecoder(nn.Module):
         self.bottleneck_grid = image_size // factor
         cond_dim = width
         self.logsnr_embedding = LogSNREmbedding(cond_dim)
+        # Single-stage training varies the latent's noise level, so the decoder must be told it.
+        self.latent_logsnr_embedding = LogSNREmbedding(cond_dim) if latent_logsnr_conditioning else None
         self.stem = nn.Conv2d((channels + latent_channels) * patch * patch, conv_channels[0], 3, padding=1)
         self.down_stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -57,11 +61,16 @@ class UViTDecoder(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x_t: torch.Tensor, logsnr: torch.Tensor, z_0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, logsnr: torch.Tensor, z_0: torch.Tensor,
+                latent_logsnr: torch.Tensor | None = None) -> torch.Tensor:
         if x_t.shape[1:] != (self.channels, self.image_size, self.image_size):
             raise ValueError(f"expected x_t [B, {self.channels}, {self.image_size}, {self.image_size}], "
                              f"got {tuple(x_t.shape)}")
         cond = self.logsnr_embedding(logsnr)
+        if self.latent_logsnr_embedding is not None:
+            if latent_logsnr is None:
+                raise ValueError("this decoder is conditioned on the latent's log-SNR: pass latent_logsnr [B]")
+            cond = cond + self.latent_logsnr_embedding(latent_logsnr)
         z_image = F.interpolate(z_0.to(x_t.dtype), size=x_t.shape[-2:], mode="nearest")
         h = self.stem(F.pixel_unshuffle(torch.cat([x_t, z_image], dim=1), self.patch))
         skips = []

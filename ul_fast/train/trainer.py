@@ -25,6 +25,7 @@ from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update
 from ul_fast.train.logging import MetricsLog
 
 STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
+SINGLE_STAGE_NETWORKS = ("encoder.", "base.", "decoder.")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,14 +92,22 @@ class Trainer:
         t = self.config.train
         return t.stage1_steps if self.stage == 1 else t.stage2_steps
 
+    @property
+    def stage_networks(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the networks the current stage trains."""
+        return SINGLE_STAGE_NETWORKS if self.model.single_stage else STAGE_NETWORKS[self.stage]
+
+    @property
+    def uses_base(self) -> bool:
+        return self.stage == 2 or self.model.single_stage
+
     def _stage_parameters(self) -> list[torch.nn.Parameter]:
-        prefixes = STAGE_NETWORKS[self.stage]
-        return [p for name, p in self.model.named_parameters() if name.startswith(prefixes)]
+        return [p for name, p in self.model.named_parameters() if name.startswith(self.stage_networks)]
 
     def _new_optimizer(self) -> None:
         t = self.config.train
         for name, p in self.model.named_parameters():
-            p.requires_grad_(name.startswith(STAGE_NETWORKS[self.stage]))
+            p.requires_grad_(name.startswith(self.stage_networks))
         lr = t.lr if self.stage == 1 else t.base_lr
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self._stage_parameters(), lr=lr, weight_decay=t.weight_decay,
@@ -200,9 +209,8 @@ class Trainer:
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.ddp_model if self.ddp_model is not None else self.model
         with self._autocast():
-            if self.stage == 1:
-                return model(images, generator=self.generator, stage=1)
-            return model(images, generator=self.generator, stage=2, **self._conditioning(labels))
+            conditioning = self._conditioning(labels) if self.uses_base else {}
+            return model(images, generator=self.generator, stage=self.stage, **conditioning)
 
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step (with gradient accumulation); None if it was skipped as non-finite."""
@@ -233,7 +241,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema_model, self.model, ema_decay_at(self.stage_step, t.ema_decay), STAGE_NETWORKS[self.stage])
+        update_ema(self.ema_model, self.model, ema_decay_at(self.stage_step, t.ema_decay), self.stage_networks)
         return {**{k: float(v) for k, v in totals.items()}, "grad_norm": float(grad_norm)}
 
     # ----------------------------------------------------------------------------- evaluation
@@ -274,11 +282,13 @@ class Trainer:
     def _evaluate_and_draw(self) -> dict[str, float]:
         """Stage 1: metrics and ``reconstructions.png``; stage 2: ``samples.png``. Dated copies go to grids/."""
         step = f"step_{self.global_step:08d}.png"
+        metrics = {}
         if self.stage == 1:
-            return self.evaluate((self.run_dir / "grids" / f"reconstructions_{step}",
-                                  self.run_dir / "reconstructions.png"))
-        self.write_samples((self.run_dir / "grids" / f"samples_{step}", self.run_dir / "samples.png"))
-        return {}
+            metrics = self.evaluate((self.run_dir / "grids" / f"reconstructions_{step}",
+                                     self.run_dir / "reconstructions.png"))
+        if self.uses_base:
+            self.write_samples((self.run_dir / "grids" / f"samples_{step}", self.run_dir / "samples.png"))
+        return metrics
 
     # ----------------------------------------------------------------------------- the loop
     def _log(self, record: dict[str, Any]) -> None:
