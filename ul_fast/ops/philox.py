@@ -7,7 +7,9 @@ Layout (shared with csrc/philox.h):
 - element ``n`` belongs to group ``g = n // 4`` and lane ``n % 4``;
 - Philox4x32-10 with counter ``(g mod 2^32, g >> 32, 0, 0)`` and key ``(seed mod 2^32, seed >> 32)``
   gives four uint32 words ``r0..r3`` per group (four normals per call amortise the RNG arithmetic);
-- ``u_i = ((r_i >> 8) + 0.5) · 2^-24`` lies strictly in (0, 1) and is exact in fp32;
+- ``u_i = ((r_i >> 8) + 0.5) · 2^-24`` computed in fp32: never 0 (so ``log u`` is finite); for
+  ``r_i >> 8 ≥ 2^23`` the ``+ 0.5`` rounds to even, so ``u`` can reach exactly 1 (then ``ρ = 0``), and
+  every backend reproduces that rounding;
 - Box–Muller in fp32: ``ρ = sqrt(−2·ln u0)``, ``θ = 2π·u1``, lanes 0, 1 = ``ρ·cos θ``, ``ρ·sin θ``;
   lanes 2, 3 likewise from ``u2, u3``.
 
@@ -54,7 +56,7 @@ def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> tuple
 
 
 def uint32_to_unit_float(word: torch.Tensor) -> torch.Tensor:
-    """Map uint32 words to fp32 uniforms in (0, 1): ``((r >> 8) + 0.5) · 2^-24``."""
+    """Map uint32 words to fp32 uniforms in (0, 1]: ``((r >> 8) + 0.5) · 2^-24`` (rounded in fp32)."""
     return ((word >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 
