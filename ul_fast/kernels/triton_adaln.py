@@ -15,24 +15,15 @@ Layers: kernels → ``torch.ops.ul_fast.adaln_layernorm`` / ``adaln_layernorm_ba
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, tl, triton
 from ul_fast.ops import reference
 from ul_fast.ops.dispatch import register
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: without it nothing is registered
-    triton = None
 
 __all__ = ["MAX_CHANNELS", "adaln_layernorm", "is_supported"]
 
 MAX_CHANNELS = 16384  # a whole row lives in registers
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def is_supported(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
@@ -59,12 +50,6 @@ def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
-def _check_runnable(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("ul_fast Triton adaLN LayerNorm needs the triton package")
-    if not x.is_cuda and not INTERPRET:
-        raise RuntimeError(f"Triton adaLN LayerNorm runs on CUDA tensors (got {x.device}); set "
-                           "TRITON_INTERPRET=1 before importing ul_fast to run it in the interpreter on CPU")
 
 
 if triton is not None:
@@ -153,7 +138,7 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
-    _check_runnable(x)
+    check_runnable(x, "adaLN LayerNorm")
     x, scale, shift = (_rows_contiguous(t) for t in (x, scale, shift))
     B, S, C = x.shape
     y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
@@ -176,7 +161,7 @@ def _chunking(B: int, S: int, rows: int, device: torch.device) -> tuple[int, int
 
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_runnable(x)
+    check_runnable(x, "adaLN LayerNorm")
     x, scale, grad_y = (_rows_contiguous(t) for t in (x, scale, grad_y))
     B, S, C = x.shape
     block_c, rows, warps = _launch_shape(C)
@@ -244,7 +229,7 @@ def adaln_layernorm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, e
     tensors under ``TRITON_INTERPRET=1``.
     """
     _check_inputs(x, scale, shift, eps)
-    _check_runnable(x)
+    check_runnable(x, "adaLN LayerNorm")
     return torch.ops.ul_fast.adaln_layernorm(x, scale, shift, float(eps))
 
 

@@ -21,24 +21,16 @@ per (head dim, sequence length, dtype).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, tl, triton
 from ul_fast.ops import reference
 from ul_fast.ops.dispatch import register
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: without it nothing is registered
-    triton = None
 
 __all__ = ["HEAD_DIMS", "flash_attention", "is_supported"]
 
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LN2 = math.log(2.0)
 
 
@@ -68,12 +60,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_runnable(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("ul_fast Triton attention needs the triton package")
-    if not x.is_cuda and not INTERPRET:
-        raise RuntimeError(f"Triton attention runs on CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
-                           "before importing ul_fast to run the kernels in the Triton interpreter on CPU")
 
 
 if triton is not None:
@@ -326,7 +312,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_runnable(q)
+    check_runnable(q, "attention")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, S, H, D = q.shape
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
@@ -343,7 +329,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
 
 def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_runnable(q)
+    check_runnable(q, "attention")
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, S, H, D = q.shape
     lse = lse.contiguous()
@@ -424,7 +410,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     _check_inputs(q, k, v)
-    _check_runnable(q)
+    check_runnable(q, "attention")
     return torch.ops.ul_fast.flash_attention(q, k, v)[0]
 
 

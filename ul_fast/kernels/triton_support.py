@@ -1,0 +1,27 @@
+"""What the Triton kernel modules share: the optional import, interpreter detection, dtypes, device check."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: without it the Triton modules register nothing
+    triton = None
+    tl = None
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# TRITON_INTERPRET=1 (set by tests/conftest.py on CPU machines) runs the kernels on CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_runnable(x: torch.Tensor, what: str) -> None:
+    """Raise a clear error if the Triton kernel ``what`` cannot run on ``x``'s device."""
+    if triton is None:
+        raise RuntimeError(f"ul_fast Triton {what} needs the triton package")
+    if not x.is_cuda and not INTERPRET:
+        raise RuntimeError(f"Triton {what} runs on CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                           "before importing ul_fast to run the kernels in the Triton interpreter on CPU")
