@@ -104,6 +104,8 @@ class TrainConfig:
     progress: bool = True
     # A finished run whose EMA weights initialise this one (e.g. stage 2 alone: stage1_steps: 0).
     init_from: str | None = None
+    # Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard, for configs too large to replicate).
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -287,6 +289,7 @@ def validate(config: Config) -> None:
     _require(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _require(t.keep_last >= 1, "train.keep_last must be >= 1")
+    _require(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     _require(t.stage1_steps > 0 or not t.stage2_steps or t.init_from is not None,
              "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
     _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,

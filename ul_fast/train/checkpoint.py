@@ -38,13 +38,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _weights(source: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    weights = source.state_dict() if isinstance(source, nn.Module) else source
+    return {k: v.detach().contiguous().cpu() for k, v in weights.items()}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module,
-                    state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write ``step_<step>`` atomically, point ``latest`` at it, prune to ``keep_last`` checkpoints."""
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
+                    ema_model: nn.Module | dict[str, torch.Tensor], state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write ``step_<step>`` atomically, point ``latest`` at it, prune to ``keep_last`` checkpoints.
+
+    ``model`` and ``ema_model`` are modules or their full state dicts (gathered first when sharded)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -87,8 +90,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} is truncated or not a safetensors file: {error}") from None
 
 
-def load_weights_into(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``module``; foreign or mismatched weights are a clear error."""
+def read_weights(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file and check it fits ``module``; foreign or mismatched weights are a clear error."""
     weights = _load_weights(path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -100,7 +103,12 @@ def load_weights_into(module: nn.Module, path: Path) -> None:
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
                                   f"{tuple(expected[name].shape)} (another config?)")
-    module.load_state_dict(weights)
+    return weights
+
+
+def load_weights_into(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into an unsharded ``module`` (validated by :func:`read_weights`)."""
+    module.load_state_dict(read_weights(module, path))
 
 
 def load_state(folder: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ul_fast.train.parallel import local
+
 
 def make_ema_model(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` that :func:`update_ema` moves towards the trained weights."""
@@ -27,12 +29,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, prefixes: tuple[s
     """``ema ← decay·ema + (1 − decay)·model`` for parameters under ``prefixes`` (the trained
     sub-networks); buffers are copied."""
     trained = dict(model.named_parameters())
-    ema_params = [p for name, p in ema.named_parameters() if name.startswith(prefixes)]
-    model_params = [trained[name].detach() for name, _ in ema.named_parameters() if name.startswith(prefixes)]
+    # local(): with FSDP both copies are sharded alike, so the update is shard-local.
+    ema_params = [local(p) for name, p in ema.named_parameters() if name.startswith(prefixes)]
+    model_params = [local(trained[name].detach()) for name, _ in ema.named_parameters() if name.startswith(prefixes)]
     if ema_params:
         torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
     for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+        local(ema_buffer).copy_(local(buffer))
 
 
 @torch.no_grad()
@@ -41,4 +44,4 @@ def copy_weights(target: nn.Module, source: nn.Module, prefixes: tuple[str, ...]
     params = dict(source.named_parameters())
     for name, p in target.named_parameters():
         if name.startswith(prefixes):
-            p.copy_(params[name])
+            local(p).copy_(local(params[name]))

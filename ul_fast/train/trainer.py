@@ -20,9 +20,17 @@ from ul_fast.config import Config, save_config
 from ul_fast.data import BatchStream, load_dataset
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
-from ul_fast.train.checkpoint import CheckpointError, latest_checkpoint, load_state, load_weights_into, save_checkpoint
+from ul_fast.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    load_weights_into,
+    read_weights,
+    save_checkpoint,
+)
 from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
 from ul_fast.train.logging import MetricsLog
+from ul_fast.train.parallel import full, gather_optimizer, gather_weights, load_optimizer, load_weights, shard_networks
 
 STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
 SINGLE_STAGE_NETWORKS = ("encoder.", "base.", "decoder.")
@@ -64,6 +72,12 @@ class Trainer:
             load_weights_into(self.model, latest_checkpoint(t.init_from) / "ema.safetensors")
         self.ema_model = make_ema_model(self.model)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
+        # FSDP2: model and EMA sharded alike, so EMA updates are shard-local; evaluation then runs on
+        # every rank (a sharded forward is a collective) and checkpoints gather full weights.
+        self.sharded = world_size > 1 and t.parallel == "fsdp"
+        if self.sharded:
+            shard_networks(self.model, world_size, self.device.type)
+            shard_networks(self.ema_model, world_size, self.device.type)
         if t.compile:
             for name in ("encoder", "prior", "decoder", "base"):
                 getattr(self.model, name).compile()
@@ -114,7 +128,7 @@ class Trainer:
                                            betas=(0.9, 0.99), fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, t.warmup_steps, self.stage_steps))
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             # Wrapped per stage, after requires_grad is set, so DDP syncs exactly the trained networks.
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -142,7 +156,8 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         return {
-            "stage": self.stage, "stage_step": self.stage_step, "optimizer": self.optimizer.state_dict(),
+            "stage": self.stage, "stage_step": self.stage_step,
+            "optimizer": gather_optimizer(self.model, self.optimizer, self.sharded),
             "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
             "rng": self._rng_states(), "world_size": self.world_size,
             "skipped_steps": self.skipped_steps, "frozen_bits_per_pixel": self.frozen_bits_per_pixel,
@@ -150,22 +165,23 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint (a collective under DDP: every rank calls it, rank 0 writes)."""
+        """Checkpoint (a collective under DDP/FSDP: every rank calls it, rank 0 writes)."""
         state = self.training_state()
+        weights = gather_weights(self.model, self.sharded)
+        ema_weights = gather_weights(self.ema_model, self.sharded)
         if self.is_main:
-            save_checkpoint(self.run_dir, self.global_step, self.model, self.ema_model, state,
-                            self.config.train.keep_last)
+            save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state, self.config.train.keep_last)
 
     def resume(self) -> None:
         """Restore weights, EMA, optimiser, LR schedule, data position and RNG states from ``latest``."""
         folder = latest_checkpoint(self.run_dir)
         state = load_state(folder)
-        load_weights_into(self.model, folder / "model.safetensors")
-        load_weights_into(self.ema_model, folder / "ema.safetensors")
+        for module, name in ((self.model, "model.safetensors"), (self.ema_model, "ema.safetensors")):
+            load_weights(module, read_weights(module, folder / name), self.sharded)
         self.stage = state["stage"]
         self._new_optimizer()
         self.stage_step = state["stage_step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.model, self.optimizer, state["optimizer"], self.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
         if state["world_size"] != self.world_size:
@@ -228,7 +244,7 @@ class Trainer:
             stacked = torch.stack([totals[k] for k in names])
             torch.distributed.all_reduce(stacked)
             totals = dict(zip(names, stacked / self.world_size))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._stage_parameters(), t.grad_clip)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self._stage_parameters(), t.grad_clip))
         if not (torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -282,12 +298,13 @@ class Trainer:
     def _evaluate_and_draw(self) -> dict[str, float]:
         """Stage 1: metrics and ``reconstructions.png``; stage 2: ``samples.png``. Dated copies go to grids/."""
         step = f"step_{self.global_step:08d}.png"
+        grids = self.run_dir / "grids"
         metrics = {}
         if self.stage == 1:
-            metrics = self.evaluate((self.run_dir / "grids" / f"reconstructions_{step}",
-                                     self.run_dir / "reconstructions.png"))
+            paths = (grids / f"reconstructions_{step}", self.run_dir / "reconstructions.png")
+            metrics = self.evaluate(paths if self.is_main else ())
         if self.uses_base:
-            self.write_samples((self.run_dir / "grids" / f"samples_{step}", self.run_dir / "samples.png"))
+            self.write_samples((grids / f"samples_{step}", self.run_dir / "samples.png") if self.is_main else ())
         return metrics
 
     # ----------------------------------------------------------------------------- the loop
@@ -344,7 +361,7 @@ class Trainer:
                 if self.stage == 2:
                     record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
                 at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
-                if at_eval and self.is_main:
+                if at_eval and (self.is_main or self.sharded):
                     record.update(self._evaluate_and_draw())
                 self._log(record)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
