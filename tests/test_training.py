@@ -143,3 +143,32 @@ def test_plot_command(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert (run / "curves.png").stat().st_size > 0
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from ul_fast.train import TrainingDiverged
+    from ul_fast.train.checkpoint import latest_checkpoint
+
+    config = micro_config(train={"stage1_steps": 20, "stage2_steps": 0, "checkpoint_every": 2, "eval_every": 1000,
+                                 "max_bad_steps": 3})
+    trainer = Trainer(config, tmp_path / "run")
+    real_loss = trainer._loss
+    calls = {"n": 0}
+
+    def poisoned(images, labels):
+        calls["n"] += 1
+        out = real_loss(images, labels)
+        if calls["n"] in (3, 6, 7, 8):  # one isolated bad step, then three in a row
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        trainer.fit()
+    assert trainer.skipped_steps == 4 and trainer.stage_step == 7  # stopped during step 8
+    # Step 6 was skipped but its weights (those of step 5) are good; the failing step wrote nothing.
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000006"
+    metrics = read_metrics(tmp_path / "run")
+    assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # nothing NaN was logged
+    assert [m["step"] for m in metrics if "loss" not in m] == [3, 6, 7]  # windows of skipped steps only
+    assert metrics[-1]["skipped_steps"] >= 1
