@@ -172,3 +172,14 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # nothing NaN was logged
     assert [m["step"] for m in metrics if "loss" not in m] == [3, 6, 7]  # windows of skipped steps only
     assert metrics[-1]["skipped_steps"] >= 1
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_like_eager(tmp_path):
+    """train.compile: true (inductor on the four networks) gives the eager run's losses."""
+    sections = {"train": {"stage1_steps": 3, "stage2_steps": 2, "eval_every": 1000, "checkpoint_every": 1000}}
+    eager = train(tmp_path, "eager", **sections)
+    sections["train"]["compile"] = True
+    compiled = train(tmp_path, "compiled", **sections)
+    assert [m["step"] for m in compiled] == [m["step"] for m in eager]
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], rel=2e-3)

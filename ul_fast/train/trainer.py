@@ -30,7 +30,15 @@ from ul_fast.train.checkpoint import (
 )
 from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
 from ul_fast.train.logging import MetricsLog
-from ul_fast.train.parallel import full, gather_optimizer, gather_weights, load_optimizer, load_weights, shard_networks
+from ul_fast.train.parallel import (
+    NETWORKS,
+    full,
+    gather_optimizer,
+    gather_weights,
+    load_optimizer,
+    load_weights,
+    shard_networks,
+)
 
 STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
 SINGLE_STAGE_NETWORKS = ("encoder.", "base.", "decoder.")
@@ -79,8 +87,9 @@ class Trainer:
             shard_networks(self.model, world_size, self.device.type)
             shard_networks(self.ema_model, world_size, self.device.type)
         if t.compile:
-            for name in ("encoder", "prior", "decoder", "base"):
-                getattr(self.model, name).compile()
+            for network in (getattr(self.model, name) for name in NETWORKS):
+                if network is not None:
+                    network.compile()
         image_channels = config.model.image_channels
         self.train_data = load_dataset(config.data.dataset, "train", config.model.image_size, image_channels)
         self.test_data = load_dataset(config.data.dataset, "test", config.model.image_size, image_channels)
@@ -97,8 +106,6 @@ class Trainer:
         self._new_optimizer()
         eval_count = min(t.eval_images, len(self.test_data))
         self.eval_images = self.test_data.images[:eval_count].to(self.device)
-        self.eval_labels = (self.test_data.labels[:eval_count].to(self.device)
-                            if self.test_data.labels is not None else None)
 
     # ----------------------------------------------------------------------------- set-up per stage
     @property
