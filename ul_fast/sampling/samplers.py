@@ -31,6 +31,13 @@ def _check_grid(logsnrs: torch.Tensor) -> None:
         raise ValueError("logsnrs must be a strictly increasing 1-D grid of at least 2 log-SNRs")
 
 
+def _steps(logsnrs: torch.Tensor, x: torch.Tensor, desc: str, disable: bool):
+    """Yield ``(i, λ_s [B], λ_t [B])`` for each step of the grid, with a progress bar."""
+    _check_grid(logsnrs)
+    for i in tqdm(range(len(logsnrs) - 1), disable=disable, desc=desc, leave=False):
+        yield i, logsnrs[i].expand(x.shape[0]).to(x.device), logsnrs[i + 1].expand(x.shape[0]).to(x.device)
+
+
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor, callback: Callback | None = None,
                 disable: bool = False) -> torch.Tensor:
@@ -38,10 +45,7 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor, callb
 
     x: the start state at ``logsnrs[0]`` (usually ``N(0, I)``).
     """
-    _check_grid(logsnrs)
-    for i in tqdm(range(len(logsnrs) - 1), disable=disable, desc="ddim", leave=False):
-        lam_s = logsnrs[i].expand(x.shape[0]).to(x.device)
-        lam_t = logsnrs[i + 1].expand(x.shape[0]).to(x.device)
+    for i, lam_s, lam_t in _steps(logsnrs, x, "ddim", disable):
         denoised = denoise(x, lam_s)
         alpha_s, sigma_s = coefficients(lam_s, x)
         alpha_t, sigma_t = coefficients(lam_t, x)
@@ -60,10 +64,7 @@ def sample_ancestral(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
 
     With ``r = e^{λ_s − λ_t}``: mean ``r·(α_t/α_s)·x_s + α_t·(1 − r)·x̂``, variance ``(1 − r)·σ_t²``.
     """
-    _check_grid(logsnrs)
-    for i in tqdm(range(len(logsnrs) - 1), disable=disable, desc="ancestral", leave=False):
-        lam_s = logsnrs[i].expand(x.shape[0]).to(x.device)
-        lam_t = logsnrs[i + 1].expand(x.shape[0]).to(x.device)
+    for i, lam_s, lam_t in _steps(logsnrs, x, "ancestral", disable):
         denoised = denoise(x, lam_s)
         alpha_s, _ = coefficients(lam_s, x)
         alpha_t, sigma_t = coefficients(lam_t, x)
