@@ -183,3 +183,14 @@ def test_compiled_networks_train_like_eager(tmp_path):
     compiled = train(tmp_path, "compiled", **sections)
     assert [m["step"] for m in compiled] == [m["step"] for m in eager]
     assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], rel=2e-3)
+
+
+def test_metrics_are_mirrored_to_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train(tmp_path, "run", train={"stage1_steps": 3, "stage2_steps": 2, "eval_every": 3, "checkpoint_every": 1000})
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"1/loss", "1/bits_per_pixel", "1/psnr", "2/loss", "2/images_per_s"} <= tags, tags
+    logged = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "run") if m["stage"] == 1}
+    assert {e.step: e.value for e in events.Scalars("1/loss")} == pytest.approx(logged)
