@@ -6,7 +6,8 @@
 #
 # Steps: (1) pip install --no-build-isolation -e . (timed; build log kept), plus a timed wheel build from a
 # clean copy of the sources (the issue's "< 60 s from a clean clone" target); (2) pytest -m gpu over
-# tests/; (3) benchmarks/gpu_bench_ops.py; (4) benchmarks/gpu_bench_attention.py if present.
+# tests/; (3) benchmarks/gpu_bench_ops.py; (4) benchmarks/gpu_bench_attention.py if present;
+# (5) benchmarks/gpu_bench_train_step.py (a whole UL training step, reference vs fused, eager vs compile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,8 +56,13 @@ if [ -f benchmarks/gpu_bench_attention.py ]; then
   note "- gpu_bench_attention.py: rc=$? (output in bench_attention.log)"
 fi
 
+# (5) UL training step: reference vs fused kernels, eager vs torch.compile (stage 1 and stage 2)
+$PY benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --out "$OUT" > "$OUT/bench_train_step.log" 2>&1
+note "- gpu_bench_train_step.py: rc=$?"
+
 echo
 grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20
+grep -A 12 "^## UL training step" "$OUT/bench_train_step.log"
 [ -f benchmarks/gpu_bench_attention.py ] && tail -25 "$OUT/bench_attention.log"
 echo
 if [ -f "$OUT/bench_ops_table.md" ]; then
