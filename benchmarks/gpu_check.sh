@@ -3,6 +3,7 @@
 # (default /tmp/ul_fast_gpu_check); the last thing printed is a short summary table.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # PYTHON=python3.12 to pick the interpreter
+#   PARTS="tests ops" bash benchmarks/gpu_check.sh      # a subset, to fit one call's time limit
 #
 # Steps: (1) pip install --no-build-isolation -e . (timed; build log kept), plus a timed wheel build from a
 # clean copy of the sources (the issue's "< 60 s from a clean clone" target); (2) pytest -m gpu over
@@ -16,6 +17,8 @@ mkdir -p "$OUT"
 summary="$OUT/summary.md"
 : > "$summary"
 note() { echo "$*" >> "$summary"; echo "[gpu_check] $*" >&2; }
+PARTS=${PARTS:-"tests ops attention train"}
+want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 seconds() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 # (1) build
@@ -43,27 +46,33 @@ if [ "$build_rc" != 0 ]; then
 fi
 
 # (2) GPU tests
-$PY -m pytest -m gpu tests/ -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
-note "- pytest -m gpu tests/: $(tail -1 "$OUT/pytest_gpu.log")"
+if want tests; then
+  $PY -m pytest -m gpu tests/ -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+  note "- pytest -m gpu tests/: $(tail -1 "$OUT/pytest_gpu.log")"
+fi
 
 # (3) op benchmarks
-$PY benchmarks/gpu_bench_ops.py --out "$OUT/bench_ops.json" --md "$OUT/bench_ops_table.md" > "$OUT/bench_ops.log" 2>&1
-note "- gpu_bench_ops.py: rc=$?"
+if want ops; then
+  $PY benchmarks/gpu_bench_ops.py --out "$OUT/bench_ops.json" --md "$OUT/bench_ops_table.md" > "$OUT/bench_ops.log" 2>&1
+  note "- gpu_bench_ops.py: rc=$?"
+fi
 
-# (4) attention benchmark (another part of the project), if present
-if [ -f benchmarks/gpu_bench_attention.py ]; then
+# (4) attention and adaLN benchmark
+if want attention; then
   $PY benchmarks/gpu_bench_attention.py > "$OUT/bench_attention.log" 2>&1
   note "- gpu_bench_attention.py: rc=$? (output in bench_attention.log)"
 fi
 
 # (5) UL training step: reference vs fused kernels, eager vs torch.compile (stage 1 and stage 2)
-$PY benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --out "$OUT" > "$OUT/bench_train_step.log" 2>&1
-note "- gpu_bench_train_step.py: rc=$?"
+if want train; then
+  $PY benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --out "$OUT" > "$OUT/bench_train_step.log" 2>&1
+  note "- gpu_bench_train_step.py: rc=$?"
+fi
 
 echo
-grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20
-grep -A 12 "^## UL training step" "$OUT/bench_train_step.log"
-[ -f benchmarks/gpu_bench_attention.py ] && tail -25 "$OUT/bench_attention.log"
+want tests && grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | head -20
+want train && grep -A 12 "^## UL training step" "$OUT/bench_train_step.log"
+want attention && tail -25 "$OUT/bench_attention.log"
 echo
 if [ -f "$OUT/bench_ops_table.md" ]; then
   cat "$OUT/bench_ops_table.md" >> "$summary"
