@@ -79,5 +79,6 @@ if [ -f "$OUT/bench_ops_table.md" ]; then
   rm "$OUT/bench_ops_table.md"  # kept in summary.md ($OUT returns at most 8 files)
   cat "$summary"
 else
-  cat "$summary"; echo; tail -30 "$OUT/bench_ops.log"
+  cat "$summary"
+  if want ops; then echo; tail -30 "$OUT/bench_ops.log"; fi
 fi
