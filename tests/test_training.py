@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from ul_fast.config import ConfigError
 from ul_fast.train import Trainer
 from ul_fast.train.logging import read_metrics
 
@@ -194,3 +196,21 @@ def test_metrics_are_mirrored_to_tensorboard(tmp_path):
     assert {"1/loss", "1/bits_per_pixel", "1/psnr", "2/loss", "2/images_per_s"} <= tags, tags
     logged = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "run") if m["stage"] == 1}
     assert {e.step: e.value for e in events.Scalars("1/loss")} == pytest.approx(logged)
+
+
+def test_either_stage_alone(tmp_path):
+    """Stage 1 alone, then stage 2 alone initialised from it (train.init_from)."""
+    train(tmp_path, "stage1", train={"stage1_steps": 4, "stage2_steps": 0, "eval_every": 1000})
+    assert not (tmp_path / "stage1" / "samples.png").exists()
+    metrics = train(tmp_path, "stage2", train={"stage1_steps": 0, "stage2_steps": 3, "eval_every": 1000,
+                                               "init_from": str(tmp_path / "stage1")})
+    assert [m["stage"] for m in metrics] == [2, 2, 2]
+    assert (tmp_path / "stage2" / "samples.png").exists()
+    from safetensors.torch import load_file
+
+    from ul_fast.train.checkpoint import latest_checkpoint
+    first = load_file(latest_checkpoint(tmp_path / "stage1") / "ema.safetensors")
+    second = load_file(latest_checkpoint(tmp_path / "stage2") / "ema.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first if k.startswith(("encoder.", "decoder.")))
+    with pytest.raises(ConfigError, match="init_from"):
+        micro_config(train={"stage1_steps": 0, "stage2_steps": 3})
