@@ -156,3 +156,28 @@ def test_ops_reject_mismatched_arguments():
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.noise_inject(x.long(), torch.zeros(3), ops.draw_seed("cpu"))
 
+
+
+def test_attention_op_handles_cross_attention_lengths():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 3, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, 8, generator=g,
+                                                                                  dtype=torch.float64)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    torch.testing.assert_close(ops.attention(q, k, v), expected)
+    with pytest.raises(ValueError, match="k, v"):
+        ops.attention(q, k, v[:, :4])
+    with pytest.raises(ValueError, match="k, v"):
+        ops.attention(q, k[..., :4], v[..., :4])
+
+
+def test_text_conditioned_base_model_with_more_latent_tokens_than_text_tokens():
+    """Cross-attention from 16 latent tokens to 5 text tokens (lengths differ)."""
+    model = UnifiedLatents(micro_config(model={"num_classes": 0, "context_dim": 384, "text_max_tokens": 5}).model)
+    x = images(3)
+    context, pooled = torch.randn(3, 5, 384), torch.randn(3, 384)
+    out = model.stage2_loss(x, context=context, pooled=pooled, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    z = model.sample_latents(3, steps=2, context=context, pooled=pooled, guidance=2.0)
+    assert z.shape == (3, *model.latent_shape)

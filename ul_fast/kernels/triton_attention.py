@@ -419,6 +419,7 @@ if triton is not None:
     @register("attention", "cuda")
     def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``ul_fast.ops.attention`` on CUDA: the Triton kernel where it applies, else the reference."""
-        if is_supported(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+        # Self-attention only (one sequence length); cross-attention to text tokens takes the reference.
+        if is_supported(q) and k.shape == q.shape and k.dtype == q.dtype and v.dtype == q.dtype:
             return torch.ops.ul_fast.flash_attention(q, k, v)[0]
         return reference.attention(q, k, v)

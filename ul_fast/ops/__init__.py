@@ -110,9 +110,11 @@ def logsnr_embed(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention on ``[B, S, H, D]`` tensors; see :func:`reference.attention`."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must all have shape [B, S, H, D]; got {tuple(q.shape)}, "
+    """Non-causal attention: q ``[B, S_q, H, D]``, k and v ``[B, S_k, H, D]`` (``S_k ≠ S_q`` for
+    cross-attention); see :func:`reference.attention`."""
+    if (q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0]
+            or k.shape[2:] != q.shape[2:]):
+        raise ValueError(f"attention expects q [B, S_q, H, D] and k, v [B, S_k, H, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     return implementation("attention", q.device.type)(q, k, v)
 

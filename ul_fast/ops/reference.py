@@ -107,8 +107,8 @@ def logsnr_embed(
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal softmax attention, scale ``D^-½``.
 
-    q, k, v: ``[B, S, H, D]`` (the layout a fused qkv projection produces without copies) →
-    ``[B, S, H, D]``.
+    q: ``[B, S_q, H, D]``, k, v: ``[B, S_k, H, D]`` (the layout a fused qkv projection produces without
+    copies; ``S_k ≠ S_q`` for cross-attention) → ``[B, S_q, H, D]``.
     """
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
