@@ -337,7 +337,8 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     block = 16 if INTERPRET else 64
     has_glse = grad_lse is not None
-    glse = grad_lse.contiguous().float() if has_glse else delta  # placeholder pointer when absent
+    # Without a log-sum-exp gradient the kernel reads no glse (HAS_GLSE is False) but still takes a pointer.
+    glse = grad_lse.contiguous().float() if has_glse else delta
     _bwd_delta[(triton.cdiv(S, block), B * H)](out, grad_out, glse, delta, *_strides(out), *_strides(grad_out),
                                                H, S, HAS_GLSE=has_glse, HEAD_DIM=D, BLOCK_M=block)
 
