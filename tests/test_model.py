@@ -25,7 +25,7 @@ def images(batch: int = 8, size: int = 16) -> torch.Tensor:
 
 
 def test_loss_breakdown_is_on_one_per_example_scale(model):
-    out = model.stage1_loss(images(), torch.Generator().manual_seed(0))
+    out = model.stage1_loss(images(), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["loss"].detach(), out["prior_nats"] + out["decoder_loss"])
     latent_dims = math.prod(model.latent_shape)
     assert out["bits_per_pixel"].item() == pytest.approx(out["prior_nats"].item() / math.log(2) / (16 * 16))

@@ -28,7 +28,7 @@ def test_single_stage_model_has_no_prior_and_a_latent_conditioned_decoder():
     model = UnifiedLatents(micro_config(model={"mode": "single_stage"}, train={"stage2_steps": 0}).model)
     assert model.prior is None and model.decoder.latent_logsnr_embedding is not None
     x = torch.rand(4, 1, 16, 16) * 2 - 1
-    out = model.stage1_loss(x, torch.Generator().manual_seed(0), labels=torch.tensor([0, 1, 2, 3]))
+    out = model.stage1_loss(x, labels=torch.tensor([0, 1, 2, 3]), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out["loss"].detach(), out["prior_nats"] + out["decoder_loss"])
     out["loss"].backward()
     for name in ("encoder", "base", "decoder"):

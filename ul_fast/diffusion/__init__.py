@@ -1,6 +1,8 @@
 """Diffusion math: log-SNR schedules and variance-preserving identities."""
 
 from ul_fast.diffusion.math import (
+    PREDICTIONS,
+    alpha_sigma,
     antithetic_times,
     coefficients,
     eps_from_v,
@@ -23,7 +25,7 @@ from ul_fast.diffusion.schedules import (
 )
 
 __all__ = [
-    "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
-    "antithetic_times", "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl",
+    "PREDICTIONS", "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
+    "alpha_sigma", "antithetic_times", "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl",
     "resolution_shift", "sigmoid_crossover", "truncated_logistic", "v_target", "x_from_eps", "x_from_v",
 ]

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from ul_fast.ops.reference import alpha_sigma
+PREDICTIONS = ("v", "eps")
+"""What a denoising network outputs: ``v = α·ε − σ·x`` (the default) or the noise ``ε``."""
+
+
+def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``α = sqrt(sigmoid(λ))``, ``σ = sqrt(sigmoid(−λ))`` in fp32 (variance preserving)."""
+    logsnr = logsnr.float()
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
 def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` → ``[B, 1, …, 1]`` broadcasting over ``like``."""
-    return values.reshape(values.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+    """``[B]`` → ``[B, 1, …, 1]`` broadcasting over ``like``'s example dims (dtype unchanged)."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
 def coefficients(logsnr: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``α, σ`` for per-example ``logsnr [B]``, shaped to broadcast over ``like``."""
+    """``α, σ`` for per-example ``logsnr [B]``, shaped to broadcast over ``like`` and in its dtype."""
     alpha, sigma = alpha_sigma(logsnr)
-    return per_example(alpha, like), per_example(sigma, like)
+    return per_example(alpha, like).to(like.dtype), per_example(sigma, like).to(like.dtype)
 
 
 def x_from_v(x_t: torch.Tensor, v: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:

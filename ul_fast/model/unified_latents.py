@@ -54,6 +54,22 @@ class UnifiedLatents(nn.Module):
         self.pixel_schedule = make_schedule(c.pixel_schedule, c.pixel_logsnr_min, c.pixel_logsnr_max,
                                             c.image_size, c.pixel_base_resolution, c.pixel_low_snr_base_resolution)
 
+    # ----------------------------------------------------------------------------- networks per stage
+    NETWORKS = ("encoder", "prior", "decoder", "base")
+    """Attribute names of every network the model may hold (``prior`` is None in single-stage mode)."""
+
+    def trained_networks(self, stage: int) -> tuple[str, ...]:
+        """Names of the networks that ``stage`` (1 or 2) trains; the others stay frozen.
+
+        Two-stage: stage 1 trains encoder, prior and decoder; stage 2 the base model alone. Single-stage:
+        stage 1 trains encoder, base model and decoder together, and there is no stage 2.
+        """
+        if stage == 1:
+            return ("encoder", "base", "decoder") if self.single_stage else ("encoder", "prior", "decoder")
+        if stage == 2 and not self.single_stage:
+            return ("base",)
+        raise ValueError(f"stage must be 1 or 2 (single-stage models have stage 1 only), got {stage}")
+
     # ----------------------------------------------------------------------------- shapes and checks
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -106,9 +122,9 @@ class UnifiedLatents(nn.Module):
         return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
                                   loss_factor, bias)
 
-    def stage1_loss(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                    labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                    pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def stage1_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    ) -> dict[str, torch.Tensor]:
         """Joint loss ``L = L_z + L_x`` and its breakdown.
 
         Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image: unweighted prior ELBO
@@ -156,7 +172,7 @@ class UnifiedLatents(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """The training loss of ``stage`` (1 or 2); a forward so that DDP can wrap the model."""
         if stage == 1:
-            return self.stage1_loss(x, generator, labels, context, pooled)
+            return self.stage1_loss(x, labels, context, pooled, generator)
         if stage == 2:
             return self.stage2_loss(x, labels, context, pooled, generator)
         raise ValueError(f"stage must be 1 or 2, got {stage}")

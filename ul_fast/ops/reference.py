@@ -10,18 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ul_fast.diffusion.math import alpha_sigma, per_example
 from ul_fast.ops.philox import philox_normal
 
-
-def alpha_sigma(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``α = sqrt(sigmoid(λ))``, ``σ = sqrt(sigmoid(−λ))`` in fp32 (variance preserving)."""
-    logsnr = logsnr.float()
-    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
-
-
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts over ``like``'s example dims."""
-    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+__all__ = ["adaln_layernorm", "alpha_sigma", "attention", "diffusion_loss", "fourier_features", "gaussian_noise",
+           "logsnr_embed", "loss_weight", "noise_inject"]
 
 
 def gaussian_noise(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> torch.Tensor:
@@ -44,7 +37,7 @@ def noise_inject(
     """
     eps = gaussian_noise(x.shape, seed)
     alpha, sigma = alpha_sigma(logsnr.detach())
-    z = _per_example(alpha, x) * x.float() + _per_example(sigma, x) * eps
+    z = per_example(alpha, x) * x.float() + per_example(sigma, x) * eps
     return z.to(x.dtype), (eps.to(x.dtype) if return_noise else None)
 
 
@@ -76,7 +69,7 @@ def diffusion_loss(
     logsnr = logsnr.detach().float()
     if prediction == "v":
         alpha, sigma = alpha_sigma(logsnr)
-        alpha, sigma = _per_example(alpha, x), _per_example(sigma, x)
+        alpha, sigma = per_example(alpha, x), per_example(sigma, x)
         x_t = alpha * x.float() + sigma * eps
         eps_hat = sigma * x_t + alpha * pred.float()
     elif prediction == "eps":

@@ -275,7 +275,7 @@ class Trainer:
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(1234)
         with self._autocast():
-            bits = [float(model.stage1_loss(self.test_data.images[i:i + 256].to(self.device), generator)
+            bits = [float(model.stage1_loss(self.test_data.images[i:i + 256].to(self.device), generator=generator)
                           ["bits_per_pixel"]) for i in range(0, min(len(self.test_data), 1024), 256)]
             recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
         for path in grid_paths:
