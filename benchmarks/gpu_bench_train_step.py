@@ -77,7 +77,8 @@ def time_variant(config, batch: int, stage: int, backend: str, compiled: bool, w
 
     def step() -> None:
         with autocast:
-            out = model.stage1_loss(x, generator=generator) if stage == 1 else model.stage2_loss(x, labels, generator=generator)
+            loss = model.stage1_loss if stage == 1 else model.stage2_loss
+            out = loss(x, labels if stage == 2 else None, generator=generator)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
