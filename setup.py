@@ -15,30 +15,33 @@ The CUDA runtime is linked statically, so the module needs only the driver at ru
 from __future__ import annotations
 
 import datetime
-import hashlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-API_VERSION = 1  # bump with any change to the Python <-> _C calling convention
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
-def source_hash() -> str:
-    """Hash of every file in csrc/ (names and contents): the loader compares it to spot a stale build."""
-    digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
-        if path.is_file() and path.suffix in (".h", ".cpp", ".cu"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def load_extension_version() -> ModuleType:
+    """``ul_fast/kernels/extension_version.py`` (API version and source-hash recipe, shared with the loader that
+    refuses a stale build), loaded by path: the package cannot be imported before it is built."""
+    path = ROOT / "ul_fast" / "kernels" / "extension_version.py"
+    spec = importlib.util.spec_from_file_location("ul_fast_extension_version", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VERSION = load_extension_version()
 
 
 def find_nvcc() -> str | None:
@@ -109,8 +112,8 @@ class BuildExt(build_ext):
         gen_dir.mkdir(parents=True, exist_ok=True)
         compiler = self.compiler.compiler_so[0] if getattr(self.compiler, "compiler_so", None) else "c++"
         config = {
-            "UL_FAST_API_VERSION": str(API_VERSION),
-            "UL_FAST_SOURCE_HASH": c_string(source_hash()),
+            "UL_FAST_API_VERSION": str(VERSION.API_VERSION),
+            "UL_FAST_SOURCE_HASH": c_string(VERSION.source_hash(CSRC)),
             "UL_FAST_CXX_COMPILER": c_string(first_line([compiler, "--version"])),
             "UL_FAST_BUILD_TIME": c_string(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
         }

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ul_fast.kernels import extension_ops
 from ul_fast.ops import draw_seed, reference
 
-compiled = pytest.importorskip("ul_fast.kernels.compiled")
-pytestmark = pytest.mark.skipif(not compiled.available(), reason="ul_fast._C not built")
+pytestmark = pytest.mark.skipif(not extension_ops.available(), reason="ul_fast._C not built")
 
-IMPLS = {"compiled": compiled, "reference": reference}
+IMPLS = {"compiled": extension_ops, "reference": reference}
 SHAPE = (8, 4, 32, 32)  # 32768 elements
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 import ul_fast
-from ul_fast.kernels import compiled as fused
+from ul_fast.kernels import extension_ops as fused
 from ul_fast.ops import reference
 
 

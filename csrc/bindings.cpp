@@ -1,6 +1,7 @@
 // pybind11 module ul_fast._C. Tensors cross the boundary as integer addresses (torch's data_ptr()) and
 // CUDA streams as integers (torch.cuda.current_stream().cuda_stream), so the binary does not depend on
-// torch's C++ ABI. All argument checking happens in ul_fast/kernels/compiled.py.
+// torch's C++ ABI. Arguments are checked in Python: the ops' contract in ul_fast/ops, and the sizes, dtypes
+// and devices these kernels read in ul_fast/kernels/extension_ops.py.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -49,7 +50,7 @@ EmbedArgs embed_args(uintptr_t logsnr, uintptr_t freqs, uintptr_t weight, uintpt
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "ul_fast compiled kernels (C++/OpenMP, optional CUDA); see ul_fast/kernels/compiled.py";
+  m.doc() = "ul_fast compiled kernels (C++/OpenMP, optional CUDA); see ul_fast/kernels/extension_ops.py";
   m.attr("API_VERSION") = UL_FAST_API_VERSION;
   m.attr("SOURCE_HASH") = UL_FAST_SOURCE_HASH;
   m.attr("CXX_COMPILER") = UL_FAST_CXX_COMPILER;

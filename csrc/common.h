@@ -7,7 +7,7 @@
 
 namespace ul_fast {
 
-// Element types as passed from Python (ul_fast/kernels/compiled.py: _DTYPE_CODES).
+// Element types as passed from Python (ul_fast/kernels/extension_ops.py: _DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Per-example noise coefficients alpha = sqrt(sigmoid(l)), sigma = sqrt(sigmoid(-l)) in fp32, computed

@@ -1,6 +1,6 @@
 // Kernel entry points: plain C++ types and raw pointers only, so the extension needs no torch headers.
 // Pointers come from torch tensors' data_ptr(); Python checks shapes, dtypes, devices and contiguity
-// (ul_fast/kernels/compiled.py). "numel" is the element count of x, "batch" its leading dimension; each
+// (ul_fast/kernels/extension_ops.py). "numel" is the element count of x, "batch" its leading dimension; each
 // example holds numel / batch contiguous elements.
 #pragma once
 

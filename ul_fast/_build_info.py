@@ -16,7 +16,7 @@ def build_info() -> dict[str, Any]:
     """
     import torch
 
-    from ul_fast.kernels.compiled_ext import load
+    from ul_fast.kernels.extension_loader import load
     from ul_fast.ops.dispatch import describe
 
     ext, reason = load()

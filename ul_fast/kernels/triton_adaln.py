@@ -9,31 +9,34 @@ the row statistics (cheaper than storing them: the row is in registers anyway), 
 ``dscale = Σ_s dy·x̂`` and ``dshift = Σ_s dy`` per example through fp32 partial sums per chunk of rows
 (deterministic, no atomics), summed by a tiny torch reduction.
 
-Layers: kernels → ``torch.ops.ul_fast.adaln_layernorm`` / ``adaln_layernorm_backward`` custom ops →
-:func:`adaln_layernorm` → registered as the CUDA implementation of ``ul_fast.ops.adaln_layernorm``.
+Layers: kernels → ``torch.ops.ul_fast.adaln_layernorm`` / ``adaln_layernorm_backward`` custom ops (which
+check the shapes, dtypes and device the kernels read) → :func:`adaln_layernorm` → :data:`KERNELS`, the CUDA
+implementation of ``ul_fast.ops.adaln_layernorm`` for the inputs :func:`supports` accepts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, tl, triton
-from ul_fast.ops import reference
-from ul_fast.ops.dispatch import register
+from ul_fast.kernels import Kernel
+from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, last_dim_contiguous, tl, triton
 
-__all__ = ["MAX_CHANNELS", "adaln_layernorm", "is_supported"]
+__all__ = ["KERNELS", "MAX_CHANNELS", "adaln_layernorm", "supports"]
 
 MAX_CHANNELS = 16384  # a whole row lives in registers
 
 
-def is_supported(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-    """Whether the Triton kernels handle these arguments (else use the reference)."""
+def supports(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> bool:
+    """Whether the Triton kernels handle these arguments of ``ul_fast.ops.adaln_layernorm`` (else the
+    reference runs)."""
     return (triton is not None and x.dim() == 3 and x.numel() > 0 and 0 < x.shape[2] <= MAX_CHANNELS
             and x.dtype in DTYPES and scale.dtype in DTYPES and shift.dtype in DTYPES
             and (x.is_cuda or INTERPRET))
 
 
-def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> None:
+def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """What the kernels need (the shapes they read, their dtypes, one device, at most MAX_CHANNELS): a clear
+    error instead of an out-of-bounds read or a failed launch."""
     if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
         raise ValueError(f"adaln_layernorm expects x [B, S, C] and scale, shift [B, C]; got x "
                          f"{tuple(x.shape)}, scale {tuple(scale.shape)}, shift {tuple(shift.shape)}")
@@ -46,10 +49,6 @@ def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if x.shape[2] > MAX_CHANNELS:
         raise ValueError(f"x has C = {x.shape[2]} channels; the Triton kernel supports at most {MAX_CHANNELS}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-
-
 
 
 if triton is not None:
@@ -133,13 +132,9 @@ def _launch_shape(C: int) -> tuple[int, int, int]:
     return block_c, rows, warps
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     check_runnable(x, "adaLN LayerNorm")
-    x, scale, shift = (_rows_contiguous(t) for t in (x, scale, shift))
+    x, scale, shift = (last_dim_contiguous(t) for t in (x, scale, shift))
     B, S, C = x.shape
     y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
     block_c, rows, warps = _launch_shape(C)
@@ -162,7 +157,7 @@ def _chunking(B: int, S: int, rows: int, device: torch.device) -> tuple[int, int
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_runnable(x, "adaLN LayerNorm")
-    x, scale, grad_y = (_rows_contiguous(t) for t in (x, scale, grad_y))
+    x, scale, grad_y = (last_dim_contiguous(t) for t in (x, scale, grad_y))
     B, S, C = x.shape
     block_c, rows, warps = _launch_shape(C)
     n_chunks, rows_per_chunk = _chunking(B, S, rows, x.device)
@@ -182,6 +177,7 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: f
 @torch.library.custom_op("ul_fast::adaln_layernorm", mutates_args=())
 def adaln_layernorm_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """``LayerNorm(x)·(1 + scale) + shift``: x ``[B, S, C]``, scale/shift ``[B, C]`` → ``[B, S, C]``."""
+    _check_inputs(x, scale, shift)
     return _forward(x, scale, shift, eps)
 
 
@@ -194,6 +190,10 @@ def _adaln_layernorm_fake(x, scale, shift, eps):
 def adaln_layernorm_backward_op(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx [B, S, C] in x.dtype, dscale [B, C] in scale.dtype, dshift [B, C] fp32)``."""
+    _check_inputs(x, scale, scale)  # the backward reads no shift
+    if grad_y.shape != x.shape or grad_y.device != x.device:
+        raise ValueError(f"grad_y must match x {tuple(x.shape)} on {x.device}, got {tuple(grad_y.shape)} on "
+                         f"{grad_y.device}")
     return _backward(grad_y, x, scale, eps)
 
 
@@ -219,26 +219,18 @@ def _adaln_layernorm_grad(ctx, grad_y):
 adaln_layernorm_op.register_autograd(_adaln_layernorm_grad, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------- functional API and dispatch
+# ---------------------------------------------------------------- functional API and the kernel table
 
 
 def adaln_layernorm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``LayerNorm(x)·(1 + scale) + shift`` (fp32 statistics, no affine), differentiable in x, scale, shift.
 
-    x ``[B, S, C]``; scale, shift ``[B, C]`` → ``[B, S, C]`` in x.dtype. Runs on CUDA tensors, or on CPU
-    tensors under ``TRITON_INTERPRET=1``.
+    x ``[B, S, C]``; scale, shift ``[B, C]`` → ``[B, S, C]`` in x.dtype; eps > 0 (checked by
+    ``ul_fast.ops.adaln_layernorm``). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    _check_inputs(x, scale, shift, eps)
-    check_runnable(x, "adaLN LayerNorm")
     return torch.ops.ul_fast.adaln_layernorm(x, scale, shift, float(eps))
 
 
-if triton is not None:
-
-    @register("adaln_layernorm", "cuda")
-    def adaln_layernorm_cuda(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                             eps: float = 1e-6) -> torch.Tensor:
-        """``ul_fast.ops.adaln_layernorm`` on CUDA: the fused kernel where it applies, else the reference."""
-        if is_supported(x, scale, shift):
-            return torch.ops.ul_fast.adaln_layernorm(x, scale, shift, float(eps))
-        return reference.adaln_layernorm(x, scale, shift, eps)
+KERNELS: dict[tuple[str, str], Kernel] = (
+    {("adaln_layernorm", "cuda"): Kernel(adaln_layernorm, supports)} if triton is not None else {})
+"""``(op, device type) -> Kernel``: the CUDA adaLN LayerNorm when triton is installed."""

@@ -12,10 +12,11 @@ dtype before ``P·V``, as in FlashAttention-2). fp32 inputs are computed in full
 Head dims 16, 32, 64, 128; any sequence length (the last block is masked).
 
 Layers: Triton kernels → ``torch.ops.ul_fast.flash_attention`` / ``flash_attention_backward`` custom
-ops (fake impls + autograd) → :func:`flash_attention` → registered as the CUDA implementation of
-``ul_fast.ops.attention``. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors with a
-single block configuration (the interpreter cannot autotune); on a GPU the block sizes are autotuned
-per (head dim, sequence length, dtype).
+ops (fake impls + autograd; they check the shapes, dtypes and device the kernels read) →
+:func:`flash_attention` → :data:`KERNELS`, the CUDA implementation of ``ul_fast.ops.attention`` for the
+inputs :func:`supports` accepts (self-attention; cross-attention takes the reference). Under
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors with a single block configuration (the
+interpreter cannot autotune); on a GPU the block sizes are autotuned per (head dim, sequence length, dtype).
 """
 
 from __future__ import annotations
@@ -24,23 +25,26 @@ import math
 
 import torch
 
-from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, tl, triton
-from ul_fast.ops import reference
-from ul_fast.ops.dispatch import register
+from ul_fast.kernels import Kernel
+from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, last_dim_contiguous, tl, triton
 
-__all__ = ["HEAD_DIMS", "flash_attention", "is_supported"]
+__all__ = ["HEAD_DIMS", "KERNELS", "flash_attention", "supports"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 LN2 = math.log(2.0)
 
 
-def is_supported(q: torch.Tensor) -> bool:
-    """Whether the Triton kernels handle a ``[B, S, H, D]`` tensor like ``q`` (else use the reference)."""
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle these arguments of ``ul_fast.ops.attention`` (else the reference
+    runs): self-attention (one sequence length), a head dim in :data:`HEAD_DIMS`, one dtype."""
     return (triton is not None and q.dim() == 4 and q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES
-            and q.numel() > 0 and (q.is_cuda or INTERPRET))
+            and q.numel() > 0 and (q.is_cuda or INTERPRET)
+            and k.shape == q.shape and k.dtype == q.dtype and v.dtype == q.dtype)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What the kernels need (one shape, which they read through q's sizes, a head dim they were written for,
+    one dtype and device): a clear error instead of an out-of-bounds read or a failed launch."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all have shape [B, S, H, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -53,13 +57,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.numel() == 0:
         raise ValueError(f"q, k, v must be non-empty, got shape {tuple(q.shape)}")
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # The kernels address rows through strides but read the head dim as one contiguous vector.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 
 
 if triton is not None:
@@ -313,7 +310,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_runnable(q, "attention")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, S, H, D = q.shape
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
@@ -330,7 +327,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
 def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_runnable(q, "attention")
-    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, S, H, D = q.shape
     lse = lse.contiguous()
     upcast = _upcast(q.dtype)
@@ -361,6 +358,7 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 @torch.library.custom_op("ul_fast::flash_attention", mutates_args=())
 def flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, S, H, D], lse [B, H, S] fp32)`` for q, k, v ``[B, S, H, D]``; lse in natural log."""
+    _check_inputs(q, k, v)
     return _forward(q, k, v)
 
 
@@ -376,6 +374,13 @@ def flash_attention_backward_op(
     lse: torch.Tensor, grad_lse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, each ``[B, S, H, D]`` contiguous; ``grad_lse`` ``[B, H, S]`` or None."""
+    _check_inputs(q, k, v)
+    B, S, H, _ = q.shape
+    for name, t, shape in (("grad_out", grad_out, q.shape), ("out", out, q.shape), ("lse", lse, (B, H, S)),
+                           ("grad_lse", grad_lse, (B, H, S))):
+        if t is not None and (t.shape != shape or t.device != q.device):
+            raise ValueError(f"{name} must have shape {tuple(shape)} on {q.device}, got {tuple(t.shape)} on "
+                             f"{t.device}")
     return _backward(grad_out, q, k, v, out, lse, grad_lse)
 
 
@@ -401,7 +406,7 @@ def _flash_attention_grad(ctx, grad_out, grad_lse):
 flash_attention_op.register_autograd(_flash_attention_grad, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------- functional API and dispatch
+# ---------------------------------------------------------------- functional API and the kernel table
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -410,17 +415,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     Differentiable (the backward recomputes the probabilities from the saved log-sum-exp).
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    _check_inputs(q, k, v)
-    check_runnable(q, "attention")
     return torch.ops.ul_fast.flash_attention(q, k, v)[0]
 
 
-if triton is not None:
-
-    @register("attention", "cuda")
-    def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``ul_fast.ops.attention`` on CUDA: the Triton kernel where it applies, else the reference."""
-        # Self-attention only (one sequence length); cross-attention to text tokens takes the reference.
-        if is_supported(q) and k.shape == q.shape and k.dtype == q.dtype and v.dtype == q.dtype:
-            return torch.ops.ul_fast.flash_attention(q, k, v)[0]
-        return reference.attention(q, k, v)
+KERNELS: dict[tuple[str, str], Kernel] = (
+    {("attention", "cuda"): Kernel(flash_attention, supports)} if triton is not None else {})
+"""``(op, device type) -> Kernel``: the CUDA attention when triton is installed."""

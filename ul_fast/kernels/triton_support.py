@@ -1,4 +1,5 @@
-"""What the Triton kernel modules share: the optional import, interpreter detection, dtypes, device check."""
+"""What the Triton kernel modules share: the optional import, interpreter detection, dtypes, device and layout
+checks."""
 
 from __future__ import annotations
 
@@ -25,3 +26,9 @@ def check_runnable(x: torch.Tensor, what: str) -> None:
     if not x.is_cuda and not INTERPRET:
         raise RuntimeError(f"Triton {what} runs on CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
                            "before importing ul_fast to run the kernels in the Triton interpreter on CPU")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has stride 1, else a contiguous copy: the kernels address rows through
+    strides but read each row as one contiguous vector."""
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -9,10 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ul_fast import ops
-from ul_fast.ops.dispatch import load_fast_backends
-
-# Register the fast kernels now, not at the first op call, which may happen inside torch.compile tracing.
-load_fast_backends()
 
 
 class LogSNREmbedding(nn.Module):
@@ -171,3 +167,10 @@ def sincos_position_embedding(grid: int, width: int) -> torch.Tensor:
         angles = c[:, None] * omega[None]
         parts += [torch.sin(angles), torch.cos(angles)]
     return torch.cat(parts, dim=1).float()
+
+
+def require_config(config: object, expected: type, network: str) -> None:
+    """Raise a clear TypeError when ``network`` is given something other than its config dataclass."""
+    if not isinstance(config, expected):
+        raise TypeError(f"{network} takes its {expected.__name__} (from ul_fast.config) as first argument, "
+                        f"got {type(config).__name__}")

@@ -1,5 +1,6 @@
-"""The single entry points model code calls. Each op validates its arguments, then runs the fast
-kernel registered for the tensors' device (see :mod:`ul_fast.ops.dispatch`) or the reference in
+"""The single entry points model code calls. Each op checks its arguments (the one place they are checked:
+the kernels assume valid input), then runs the fast kernel for the tensors' device type where there is one
+that supports the arguments (see :mod:`ul_fast.ops.dispatch`), else the reference in
 :mod:`ul_fast.ops.reference`, which is the specification.
 """
 
@@ -7,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from ul_fast.ops import reference
-from ul_fast.ops.dispatch import implementation
+from ul_fast.diffusion import PREDICTIONS
+from ul_fast.ops import dispatch, reference
+from ul_fast.ops.dispatch import fast_kernel
 
 __all__ = [
     "adaln_layernorm",
     "alpha_sigma",
     "attention",
     "diffusion_loss",
+    "dispatch",
     "draw_seed",
     "fourier_features",
     "gaussian_noise",
@@ -67,7 +70,11 @@ def noise_inject(
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     _check_per_example("logsnr", logsnr, x)
     _check_seed(seed, x)
-    return implementation("noise_inject", x.device.type)(x, logsnr, seed, return_noise)
+    args = (x, logsnr, seed, bool(return_noise))
+    kernel = fast_kernel("noise_inject", x.device.type)
+    if kernel is not None and kernel.supports(*args):
+        return kernel.fn(*args)
+    return reference.noise_inject(*args)
 
 
 def diffusion_loss(
@@ -88,13 +95,16 @@ def diffusion_loss(
     _check_per_example("logsnr", logsnr, x)
     _check_per_example("neg_dlogsnr_dt", neg_dlogsnr_dt, x)
     _check_seed(seed, x)
-    if prediction not in ("v", "eps"):
-        raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if not loss_factor > 0:
         raise ValueError(f"loss_factor must be > 0, got {loss_factor}")
-    return implementation("diffusion_loss", x.device.type)(
-        pred, x, logsnr, neg_dlogsnr_dt, seed, prediction, float(loss_factor),
-        None if bias is None else float(bias))
+    args = (pred, x, logsnr, neg_dlogsnr_dt, seed, prediction, float(loss_factor),
+            None if bias is None else float(bias))
+    kernel = fast_kernel("diffusion_loss", x.device.type)
+    if kernel is not None and kernel.supports(*args):
+        return kernel.fn(*args)
+    return reference.diffusion_loss(*args)
 
 
 def logsnr_embed(
@@ -106,7 +116,11 @@ def logsnr_embed(
     if weight.dim() != 2 or weight.shape[1] != 2 * frequencies.numel():
         raise ValueError(f"weight must have shape [N, 2F] = [N, {2 * frequencies.numel()}], "
                          f"got {tuple(weight.shape)}")
-    return implementation("logsnr_embed", logsnr.device.type)(logsnr, frequencies, weight, bias)
+    args = (logsnr, frequencies, weight, bias)
+    kernel = fast_kernel("logsnr_embed", logsnr.device.type)
+    if kernel is not None and kernel.supports(*args):
+        return kernel.fn(*args)
+    return reference.logsnr_embed(*args)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -116,14 +130,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
             or k.shape[2:] != q.shape[2:]):
         raise ValueError(f"attention expects q [B, S_q, H, D] and k, v [B, S_k, H, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    return implementation("attention", q.device.type)(q, k, v)
+    kernel = fast_kernel("attention", q.device.type)
+    if kernel is not None and kernel.supports(q, k, v):  # e.g. Triton: self-attention, head dims 16..128
+        return kernel.fn(q, k, v)
+    return reference.attention(q, k, v)
 
 
 def adaln_layernorm(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """``LayerNorm(x)·(1 + scale) + shift``; x ``[B, S, C]``, scale/shift ``[B, C]``."""
+    """``LayerNorm(x)·(1 + scale) + shift``; x ``[B, S, C]``, scale/shift ``[B, C]``, eps > 0."""
     if x.dim() != 3 or scale.shape != (x.shape[0], x.shape[2]) or shift.shape != scale.shape:
         raise ValueError(f"adaln_layernorm expects x [B, S, C] and scale, shift [B, C]; got x "
                          f"{tuple(x.shape)}, scale {tuple(scale.shape)}, shift {tuple(shift.shape)}")
-    return implementation("adaln_layernorm", x.device.type)(x, scale, shift, eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    args = (x, scale, shift, float(eps))
+    kernel = fast_kernel("adaln_layernorm", x.device.type)
+    if kernel is not None and kernel.supports(*args):  # e.g. Triton: at most MAX_CHANNELS channels
+        return kernel.fn(*args)
+    return reference.adaln_layernorm(*args)

@@ -1,80 +1,74 @@
-"""Backend selection for :mod:`ul_fast.ops`.
+"""Which implementation runs each op of :mod:`ul_fast.ops`.
 
-Fast backends live in :mod:`ul_fast.kernels` and register an implementation per (op, device type)
-with :func:`register`. ``UL_FAST_BACKEND`` chooses:
+The fast backends in :mod:`ul_fast.kernels` each export a table ``{(op, device type): Kernel}``; this module
+imports them and merges the tables once, into :data:`KERNELS`. A backend that fails to import warns and leaves
+the reference in place. ``UL_FAST_BACKEND`` (read on every call, so tests can switch) chooses:
 
-- ``auto`` (default): a registered fast kernel where one exists for the tensor's device, else the
-  reference;
-- ``reference``: the pure-PyTorch reference everywhere.
+- ``auto`` (default): the fast kernel where one exists for the tensors' device type and supports the
+  arguments, else the reference;
+- ``reference``: the pure-PyTorch reference (:mod:`ul_fast.ops.reference`) everywhere.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
-from collections.abc import Callable
 
+from ul_fast.kernels import Kernel
 from ul_fast.ops import reference
 
 BACKENDS = ("auto", "reference")
-_FAST: dict[tuple[str, str], Callable] = {}
-_loaded = False
+OPS = ("noise_inject", "diffusion_loss", "logsnr_embed", "attention", "adaln_layernorm")
+"""The ops with fast kernels; each has a reference of the same name in :mod:`ul_fast.ops.reference`."""
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _unavailable(module: str, error: Exception) -> None:
+    # a broken optional backend must never break the package
+    warnings.warn(f"ul_fast: backend {module} unavailable ({error}); using the reference ops", stacklevel=2)
+
+
+KERNELS: dict[tuple[str, str], Kernel] = {}
+try:
+    from ul_fast.kernels import extension_ops
+    KERNELS.update(extension_ops.KERNELS)
+except Exception as error:
+    _unavailable("ul_fast.kernels.extension_ops", error)
+try:
+    from ul_fast.kernels import triton_attention
+    KERNELS.update(triton_attention.KERNELS)
+except Exception as error:
+    _unavailable("ul_fast.kernels.triton_attention", error)
+try:
+    from ul_fast.kernels import triton_adaln
+    KERNELS.update(triton_adaln.KERNELS)
+except Exception as error:
+    _unavailable("ul_fast.kernels.triton_adaln", error)
 
 
 def backend() -> str:
-    """The backend requested by ``UL_FAST_BACKEND`` (checked on every call, so tests can switch)."""
+    """The backend requested by ``UL_FAST_BACKEND``."""
     choice = os.environ.get("UL_FAST_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"UL_FAST_BACKEND must be one of {BACKENDS}, got {choice!r}")
     return choice
 
 
-def register(op: str, device_type: str) -> Callable[[Callable], Callable]:
-    """Decorator: make ``fn`` the fast implementation of ``op`` for tensors on ``device_type``."""
-    if not hasattr(reference, op):
-        raise ValueError(f"unknown op {op!r}: every fast op needs a reference of the same name")
-
-    def decorate(fn: Callable) -> Callable:
-        _FAST[(op, device_type)] = fn
-        return fn
-
-    return decorate
-
-
-def load_fast_backends() -> None:
-    """Import each kernel module once; one that cannot load warns and leaves the reference in place."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    kernels = importlib.import_module("ul_fast.kernels")
-    for name in kernels.BACKEND_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # a broken optional backend must never break the package
-            warnings.warn(f"ul_fast: backend {name} unavailable ({error}); using the reference ops",
-                          stacklevel=3)
-
-
-def implementation(op: str, device_type: str) -> Callable:
-    """The function that runs ``op`` for tensors on ``device_type`` under the current backend."""
-    if backend() == "auto":
-        load_fast_backends()
-        fast = _FAST.get((op, device_type))
-        if fast is not None:
-            return fast
-    return getattr(reference, op)
+def fast_kernel(op: str, device_type: str) -> Kernel | None:
+    """The fast kernel for ``op`` on tensors of ``device_type``, or None (none loaded, or the reference
+    backend is chosen). The caller still asks ``kernel.supports(...)`` before running it."""
+    if backend() == "reference":
+        return None
+    return KERNELS.get((op, device_type))
 
 
 def describe() -> dict[str, str]:
-    """Which implementation each op uses per device type, e.g. for logs and ``build_info``."""
-    load_fast_backends()
-    ops = sorted({op for op, _ in _FAST} | {"noise_inject", "diffusion_loss", "logsnr_embed",
-                                             "attention", "adaln_layernorm"})
+    """Which function runs each op per device type (a fast kernel where its arguments allow, else the
+    reference), e.g. for logs and ``build_info``: ``{"attention[cuda]": "module.function", ...}``."""
     table = {}
-    for op in ops:
-        for device_type in ("cpu", "cuda"):
-            fn = implementation(op, device_type)
+    for op in sorted(OPS):
+        for device_type in DEVICE_TYPES:
+            kernel = fast_kernel(op, device_type)
+            fn = kernel.fn if kernel is not None else getattr(reference, op)
             table[f"{op}[{device_type}]"] = f"{fn.__module__}.{fn.__name__}"
     return table

@@ -1,8 +1,10 @@
-"""The compiled C++/CUDA kernels (``ul_fast._C``, sources in ``csrc/``) as ``torch.library`` ops.
+"""The C++/CUDA kernels of the extension ``ul_fast._C`` (sources in ``csrc/``) as ``torch.library`` ops.
 
 Layering: ``_C`` kernel (raw pointers) -> ``torch.ops.ul_fast.*`` custom op with ``register_fake`` and
-``register_autograd`` -> the functions at the bottom of this module, registered with
-:func:`ul_fast.ops.dispatch.register` for ``cpu`` (always) and ``cuda`` (when ``_C`` has CUDA kernels).
+``register_autograd`` (each checks the devices, dtypes and sizes the kernel reads, so no call can read out
+of bounds) -> the functions with the reference signatures below, which assume arguments that passed the
+checks in :mod:`ul_fast.ops` -> :data:`KERNELS`, for ``cpu`` (always) and ``cuda`` (when ``_C`` has CUDA
+kernels).
 
 Ops (each a single pass over memory; ε is regenerated from the seed, never stored for backward):
 
@@ -13,7 +15,7 @@ Ops (each a single pass over memory; ε is regenerated from the seed, never stor
   are fp32 and saved for the one-launch backward (grads for weight and bias).
 
 Inputs that are not contiguous are copied to contiguous memory first. If ``_C`` is missing or stale this
-module warns once and registers nothing, so the reference ops run.
+module warns once and :data:`KERNELS` is empty, so the reference ops run.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import warnings
 
 import torch
 
-from ul_fast.kernels.compiled_ext import load
-from ul_fast.ops.dispatch import register
+from ul_fast.diffusion import PREDICTIONS
+from ul_fast.kernels import Kernel
+from ul_fast.kernels.extension_loader import load
 
 Tensor = torch.Tensor
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -35,7 +38,7 @@ if _C is None:
 
 
 def available() -> bool:
-    """True when ``ul_fast._C`` loaded (and so these ops are registered)."""
+    """True when ``ul_fast._C`` loaded (and so :data:`KERNELS` holds these ops)."""
     return _C is not None
 
 
@@ -73,15 +76,31 @@ def _same_device(**tensors: Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def _per_example(logsnr: Tensor) -> Tensor:
-    """``[B]`` fp32 contiguous (the kernels read per-example values as fp32)."""
-    return logsnr.detach().float().contiguous()
+def _batch(name: str, t: Tensor) -> int:
+    """The leading (batch) size of ``t``: the number of per-example values the kernels read."""
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a leading batch dimension, got a scalar")
+    return t.shape[0]
+
+
+def _fp32_vector(name: str, t: Tensor, length: int) -> Tensor:
+    """``t`` (shape ``[length]``) as a detached, contiguous fp32 vector: the kernels read such per-example
+    (or per-frequency) values through a raw fp32 pointer."""
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(t.shape)}")
+    return t.detach().float().contiguous()
 
 
 def _seed(seed: Tensor) -> Tensor:
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError("seed must be an int64 tensor with one element (use ul_fast.ops.draw_seed)")
     return seed.reshape(1).contiguous()
+
+
+def _shape(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
+    if t.shape != shape or (dtype is not None and t.dtype != dtype):
+        want = f"shape {list(shape)}" + ("" if dtype is None else f" and dtype {dtype}")
+        raise ValueError(f"{name} must have {want}, got {tuple(t.shape)} {t.dtype}")
 
 
 # ---- noise injection -------------------------------------------------------------------------------
@@ -93,7 +112,7 @@ def noise_inject_op(x: Tensor, logsnr: Tensor, seed: Tensor, return_noise: bool)
     _same_device(x=x, logsnr=logsnr, seed=seed)
     code = _dtype_code("x", x)
     x = x.contiguous()
-    lam, seed = _per_example(logsnr), _seed(seed)
+    lam, seed = _fp32_vector("logsnr", logsnr, _batch("x", x)), _seed(seed)
     z = torch.empty_like(x)
     eps = torch.empty_like(x) if return_noise else x.new_empty(0)
     args = (x.data_ptr(), z.data_ptr(), eps.data_ptr() if return_noise else 0, code, lam.data_ptr(),
@@ -113,9 +132,10 @@ def _(x, logsnr, seed, return_noise):
 @torch.library.custom_op("ul_fast::noise_inject_backward", mutates_args=())
 def noise_inject_backward_op(grad: Tensor, logsnr: Tensor) -> Tensor:
     """``dx = α(λ_b)·grad`` (z's gradient w.r.t. x; ε is not needed): grad ``[B, ...]`` -> like grad."""
+    _same_device(grad=grad, logsnr=logsnr)
     code = _dtype_code("grad", grad)
     grad = grad.contiguous()
-    lam = _per_example(logsnr)
+    lam = _fp32_vector("logsnr", logsnr, _batch("grad", grad))
     dx = torch.empty_like(grad)
     args = (grad.data_ptr(), dx.data_ptr(), code, lam.data_ptr(), grad.numel(), grad.shape[0])
     if _on_cuda(grad):
@@ -150,11 +170,13 @@ def _loss_args(pred: Tensor, x: Tensor, logsnr: Tensor, neg_dlogsnr_dt: Tensor, 
     _same_device(pred=pred, x=x, logsnr=logsnr, neg_dlogsnr_dt=neg_dlogsnr_dt, seed=seed)
     if pred.shape != x.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and x {tuple(x.shape)} must have the same shape")
-    if prediction not in ("v", "eps"):
-        raise ValueError(f"prediction must be 'v' or 'eps', got {prediction!r}")
+    if prediction not in PREDICTIONS:  # the kernel reads a flag: anything but "v" would silently mean ε
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     codes = _dtype_code("pred", pred), _dtype_code("x", x)
     pred, x = pred.contiguous(), x.contiguous()
-    lam, ndl, seed = _per_example(logsnr), _per_example(neg_dlogsnr_dt), _seed(seed)
+    batch = _batch("x", x)
+    lam, ndl = _fp32_vector("logsnr", logsnr, batch), _fp32_vector("neg_dlogsnr_dt", neg_dlogsnr_dt, batch)
+    seed = _seed(seed)
     args = (pred.data_ptr(), x.data_ptr(), *codes, lam.data_ptr(), ndl.data_ptr(), seed.data_ptr(),
             x.numel(), x.shape[0], prediction == "v", bias is not None, float(loss_factor),
             0.0 if bias is None else float(bias))
@@ -164,7 +186,8 @@ def _loss_args(pred: Tensor, x: Tensor, logsnr: Tensor, neg_dlogsnr_dt: Tensor, 
 @torch.library.custom_op("ul_fast::diffusion_loss", mutates_args=())
 def diffusion_loss_op(pred: Tensor, x: Tensor, logsnr: Tensor, neg_dlogsnr_dt: Tensor, seed: Tensor,
                       prediction: str, loss_factor: float, bias: float | None) -> Tensor:
-    """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` (fp32 ``[B]``) with ε regenerated from ``seed``."""
+    """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` (fp32 ``[B]``) with ε regenerated from ``seed``;
+    ``prediction`` is ``"v"`` or ``"eps"`` (checked by :func:`ul_fast.ops.diffusion_loss`)."""
     args, keep = _loss_args(pred, x, logsnr, neg_dlogsnr_dt, seed, prediction, loss_factor, bias)
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     if _on_cuda(x):
@@ -189,7 +212,8 @@ def diffusion_loss_backward_op(grad: Tensor, pred: Tensor, x: Tensor, logsnr: Te
     """Gradients of :func:`diffusion_loss_op` for ``grad`` ``[B]``: ``(d pred, d x)``; d x is empty unless
     ``grad_x`` and v-prediction (with ε-prediction the loss does not depend on x)."""
     args, keep = _loss_args(pred, x, logsnr, neg_dlogsnr_dt, seed, prediction, loss_factor, bias)
-    grad = grad.detach().float().contiguous()
+    _same_device(grad=grad, x=x)
+    grad = _fp32_vector("grad", grad, x.shape[0])
     want_dx = grad_x and prediction == "v"
     dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_dx else x.new_empty(0)
@@ -240,7 +264,8 @@ def _embed_args(logsnr: Tensor, frequencies: Tensor, weight: Tensor, bias: Tenso
         raise ValueError(f"bias must have shape [N] = [{weight.shape[0]}] and dtype {weight.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     code = _dtype_code("weight", weight)
-    lam, freqs = logsnr.detach().float().contiguous(), frequencies.detach().float().contiguous()
+    lam = _fp32_vector("logsnr", logsnr, logsnr.shape[0])
+    freqs = _fp32_vector("frequencies", frequencies, frequencies.shape[0])
     weight, bias = weight.contiguous(), bias.contiguous()
     args = (lam.data_ptr(), freqs.data_ptr(), weight.data_ptr(), bias.data_ptr(), code, lam.shape[0],
             freqs.shape[0], weight.shape[0])
@@ -280,9 +305,14 @@ def logsnr_embed_backward_op(grad: Tensor, pre: Tensor, feats: Tensor, weight: T
     pre-activation and features; weight gives the shapes and dtype."""
     _same_device(grad=grad, pre=pre, feats=feats, weight=weight)
     code = _dtype_code("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] % 2:
+        raise ValueError(f"weight must have shape [N, 2F], got {tuple(weight.shape)}")
+    batch, n_out, n_freq = _batch("pre", pre), weight.shape[0], weight.shape[1] // 2
+    _shape("grad", grad, (batch, n_out))
+    _shape("pre", pre, (batch, n_out), torch.float32)
+    _shape("feats", feats, (batch, 2 * n_freq), torch.float32)
     grad = grad.to(weight.dtype).contiguous()
     pre, feats = pre.contiguous(), feats.contiguous()
-    batch, n_out, n_freq = pre.shape[0], weight.shape[0], weight.shape[1] // 2
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     dbias = torch.empty(n_out, dtype=weight.dtype, device=weight.device)
     args = (0, 0, 0, 0, code, batch, n_freq, n_out, grad.data_ptr(), pre.data_ptr(), feats.data_ptr(),
@@ -314,7 +344,7 @@ def _embed_backward(ctx, grad_out: Tensor, grad_pre: Tensor, grad_feats: Tensor)
 logsnr_embed_op.register_autograd(_embed_backward, setup_context=_embed_setup)
 
 
-# ---- public implementations (signatures of ul_fast.ops.reference) -----------------------------------
+# ---- implementations with the signatures of ul_fast.ops.reference (arguments checked by ul_fast.ops) --
 
 def noise_inject(x: Tensor, logsnr: Tensor, seed: Tensor,
                  return_noise: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -368,7 +398,7 @@ def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
     """Debug: the per-example ``(α, σ)`` (fp32 ``[B]``) the kernels compute, on logsnr's device."""
     if _C is None:
         raise RuntimeError(_UNAVAILABLE)
-    lam = _per_example(logsnr)
+    lam = _fp32_vector("logsnr", logsnr, _batch("logsnr", logsnr))
     alpha, sigma = torch.empty_like(lam), torch.empty_like(lam)
     if _on_cuda(lam):
         _C.alpha_sigma_cuda(lam.data_ptr(), lam.numel(), alpha.data_ptr(), sigma.data_ptr(), lam.device.index,
@@ -378,8 +408,9 @@ def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, sigma
 
 
-if _C is not None:
-    for _device in ("cpu", "cuda") if cuda_compiled() else ("cpu",):
-        register("noise_inject", _device)(noise_inject)
-        register("diffusion_loss", _device)(diffusion_loss)
-        register("logsnr_embed", _device)(logsnr_embed)
+_DEVICE_TYPES = ("cpu", "cuda") if cuda_compiled() else ("cpu",) if available() else ()
+KERNELS: dict[tuple[str, str], Kernel] = {
+    (fn.__name__, device_type): Kernel(fn) for fn in (noise_inject, diffusion_loss, logsnr_embed)
+    for device_type in _DEVICE_TYPES
+}
+"""``(op, device type) -> Kernel``: these ops on cpu, and on cuda when ``_C`` has its CUDA kernels."""

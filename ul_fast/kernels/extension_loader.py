@@ -1,4 +1,4 @@
-"""Loading ``ul_fast._C`` (the compiled C++/CUDA kernels built by ``setup.py`` from ``csrc/``).
+"""Loading ``ul_fast._C`` (the C++/CUDA kernels built by ``setup.py`` from ``csrc/``).
 
 :func:`load` never raises: a missing or stale extension yields ``(None, reason)`` so the caller can warn
 once and fall back to the reference ops.
@@ -6,30 +6,13 @@ once and fall back to the reference ops.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
-from pathlib import Path
 from types import ModuleType
 
-API_VERSION = 1
-"""The Python <-> ``_C`` calling convention; must equal ``API_VERSION`` in setup.py."""
+from ul_fast.kernels.extension_version import API_VERSION, source_hash
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _REBUILD = "rebuild it with `pip install -e . --no-build-isolation` (see README)"
-
-
-def source_hash(csrc: Path = _CSRC) -> str | None:
-    """Hash of the sources in ``csrc`` (same recipe as setup.py), or None without a source tree
-    (an installed wheel carries no csrc/, so it is never reported stale)."""
-    if not csrc.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(csrc.iterdir()):
-        if path.is_file() and path.suffix in (".h", ".cpp", ".cu"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def load() -> tuple[ModuleType | None, str]:
