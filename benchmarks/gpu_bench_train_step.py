@@ -61,13 +61,14 @@ def time_variant(config, batch: int, stage: int, backend: str, compiled: bool, w
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = UnifiedLatents(config.model).to(device)
-    prefixes = ("encoder.", "prior.", "decoder.") if stage == 1 else ("base.",)
+    prefixes = tuple(f"{name}." for name in model.trained_networks(stage))
     params = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(prefixes))
     if compiled:
-        for name in ("encoder", "prior", "decoder", "base"):
-            getattr(model, name).compile()
+        for name in model.NETWORKS:
+            if getattr(model, name) is not None:
+                getattr(model, name).compile()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     m = config.model
     x = torch.rand(batch, m.image_channels, m.image_size, m.image_size, device=device) * 2 - 1

@@ -12,7 +12,7 @@ MICRO = {
         "decoder": {"patch": 2, "conv_channels": [16], "blocks_per_stage": 1, "width": 32, "depth": 1,
                     "head_dim": 16, "mlp_ratio": 2.0, "dropout": 0.0},
         "base": {"widths": [32], "depths": [2], "head_dim": 16, "mlp_ratio": 2.0, "dropout": 0.0},
-        "loss_factor": 3.0, "num_classes": 10,
+        "decoder_weighting": {"factor": 3.0, "bias": 0.0}, "num_classes": 10,
     },
     "train": {"batch_size": 16, "stage1_steps": 6, "stage2_steps": 4, "warmup_steps": 2, "log_every": 1,
               "eval_every": 3, "eval_images": 4, "checkpoint_every": 3, "progress": False, "lr": 1e-3},

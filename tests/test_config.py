@@ -1,8 +1,9 @@
 """Configuration: presets, overrides, strict validation with clear errors."""
 
 import pytest
+import yaml
 
-from ul_fast.config import ConfigError, load_config, preset_names, save_config
+from ul_fast.config import ConfigError, LossWeighting, config_from_dict, load_config, preset_names, save_config
 
 
 def test_presets_load_and_validate():
@@ -13,9 +14,10 @@ def test_presets_load_and_validate():
 
 
 def test_overrides_are_typed():
-    config = load_config("tiny", ["train.stage1_steps=7", "model.loss_factor=2.5", "train.compile=true",
+    config = load_config("tiny", ["train.stage1_steps=7", "model.decoder_weighting.factor=2.5", "train.compile=true",
                                   "model.encoder.channels=[8, 16]"])
-    assert config.train.stage1_steps == 7 and config.model.loss_factor == 2.5 and config.train.compile is True
+    assert config.train.stage1_steps == 7 and config.model.decoder_weighting.factor == 2.5
+    assert config.train.compile is True
     assert config.model.encoder.channels == [8, 16]
 
 
@@ -30,12 +32,20 @@ def test_user_yaml_file_and_round_trip(tmp_path):
     ("model.encoder.width=3", "unknown config key.*model.encoder.width"),
     ("bogus=1", "unknown config key.*bogus"),
     ("train.stage1_steps=many", "train.stage1_steps: expected an integer"),
-    ("model.loss_factor=0", "model.loss_factor must be > 0"),
-    ("model.loss_factor=-1", "model.loss_factor must be > 0"),
+    ("model.decoder_weighting.factor=0", "model.decoder_weighting.factor must be > 0"),
+    ("model.decoder_weighting.factor=-1", "model.decoder_weighting.factor must be > 0"),
+    ("model.decoder_weighting.scale=2", "unknown config key.*model.decoder_weighting.scale"),
     ("model.image_size=30", "model.image_size 30 must be divisible"),
     ("model.latent_schedule=sigmoid", "model.latent_schedule must be one of"),
     ("model.latent_logsnr_min=6", "latent_logsnr_min"),
-    ("sample.sampler=euler", "sample.sampler"),
+    ("sample.sampler=euler", "sample.sampler must be one of"),
+    ("model.prediction=x0", "model.prediction must be one of"),
+    ("model.mode=three_stage", "model.mode must be one of"),
+    ("model.encoder.channels=[]", "model.encoder.channels and blocks_per_stage must be non-empty"),
+    ("model.encoder.patch=0", "model.encoder.patch must be >= 1"),
+    ("model.prior.head_dim=0", "model.prior.head_dim must be >= 1"),
+    ("model.decoder.conv_channels=[]", "model.decoder.conv_channels must be non-empty"),
+    ("model.decoder.width=40", "model.decoder.width 40 must be a multiple of head_dim 32"),
     ("train.compile=maybe", "train.compile: expected true or false"),
 ])
 def test_bad_values_name_the_key(override, match):
@@ -50,3 +60,43 @@ def test_unknown_preset_and_missing_file():
         load_config("/tmp/definitely/missing.yaml")
     with pytest.raises(ConfigError, match="must look like"):
         load_config("tiny", ["train.seed"])
+
+
+def test_deprecated_weighting_keys_still_work_as_overrides():
+    with pytest.warns(FutureWarning) as warned:
+        config = load_config("tiny", ["model.loss_factor=3", "model.bias=-1"])
+    assert [str(w.message) for w in warned] == ["model.loss_factor is deprecated: use model.decoder_weighting.factor",
+                                                "model.bias is deprecated: use model.decoder_weighting.bias"]
+    assert config.model.decoder_weighting == LossWeighting(factor=3.0, bias=-1.0)
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="model.decoder_weighting.factor must be > 0"):
+        load_config("tiny", ["model.loss_factor=0"])
+
+
+def test_an_old_run_folder_config_loads_and_is_saved_in_the_new_form(tmp_path):
+    data = load_config("tiny").to_dict()
+    weighting = data["model"].pop("decoder_weighting")
+    data["model"]["loss_factor"], data["model"]["bias"] = 2.5, weighting["bias"] - 1.0
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.warns(FutureWarning) as warned:
+        config = load_config(str(old), ["train.stage1_steps=3"])
+    assert len(warned) == 2 and "model.bias is deprecated: use model.decoder_weighting.bias" in str(warned[1].message)
+    assert config.model.decoder_weighting == LossWeighting(factor=2.5, bias=-1.0)
+    save_config(config, tmp_path / "new.yaml")
+    saved = yaml.safe_load((tmp_path / "new.yaml").read_text())["model"]
+    assert "loss_factor" not in saved and "bias" not in saved
+    assert saved["decoder_weighting"] == {"factor": 2.5, "bias": -1.0}
+    # An override of the new key replaces the old key's value from the file.
+    with pytest.warns(FutureWarning):
+        assert load_config(str(old), ["model.decoder_weighting.factor=4"]).model.decoder_weighting.factor == 4.0
+
+
+def test_old_and_new_weighting_keys_with_different_values_are_an_error():
+    data = {"model": {"loss_factor": 3.0, "decoder_weighting": {"factor": 4.0}}}
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"model.loss_factor \(3.0\) and "
+                                                                          r"model.decoder_weighting.factor \(4.0\)"):
+        config_from_dict(data)
+    assert data == {"model": {"loss_factor": 3.0, "decoder_weighting": {"factor": 4.0}}}, "input not modified"
+    data["model"]["loss_factor"] = 4
+    with pytest.warns(FutureWarning):
+        assert config_from_dict(data).model.decoder_weighting.factor == 4.0

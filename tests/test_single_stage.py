@@ -7,7 +7,7 @@ from ul_fast.config import ConfigError
 from ul_fast.diffusion import truncated_logistic
 from ul_fast.model import UnifiedLatents
 from ul_fast.train import Trainer
-from ul_fast.train.logging import read_metrics
+from ul_fast.train.metrics_log import read_metrics
 
 from micro import micro_config
 

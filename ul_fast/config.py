@@ -4,14 +4,24 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ul_fast.diffusion import PREDICTIONS, SCHEDULE_KINDS
+from ul_fast.sampling import SAMPLERS
+
+TWO_STAGE, SINGLE_STAGE = "two_stage", "single_stage"
+MODES = (TWO_STAGE, SINGLE_STAGE)
+"""``model.mode``: two_stage (prior in stage 1, base model in stage 2) or single_stage (paper App. B: the
+base model trains with encoder and decoder in stage 1, and there is no stage 2)."""
 
 
 class ConfigError(ValueError):
@@ -48,6 +58,14 @@ class DecoderConfig:
 
 
 @dataclass
+class LossWeighting:
+    """Sigmoid loss weighting ``w(λ) = factor · sigmoid(bias − λ)`` (``c_lf`` and ``b`` in the paper)."""
+
+    factor: float = 1.5
+    bias: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     image_size: int = 32
     image_channels: int = 1
@@ -66,17 +84,20 @@ class ModelConfig:
     pixel_base_resolution: int = 64
     pixel_low_snr_base_resolution: int = 32
     prediction: str = "v"
-    loss_factor: float = 1.5
-    bias: float = 0.0
+    # The decoder's loss weighting: a larger factor c_lf buys a latent with more bits (formerly the keys
+    # model.loss_factor and model.bias, still read: see DEPRECATED_KEYS).
+    decoder_weighting: LossWeighting = field(default_factory=LossWeighting)
+    # b_base: the base model's stage-2 loss is weighted by sigmoid(base_bias − λ) (factor 1); in single_stage
+    # mode it is the location of each example's maximum latent log-SNR (see mode).
     base_bias: float = 0.0
     num_classes: int = 0
     label_dropout: float = 0.1
     # Text conditioning (base model): 384 = all-MiniLM-L6-v2 (extra ul-fast[text]); None = no text.
     context_dim: int | None = None
     text_max_tokens: int = 16
-    # two_stage: prior in stage 1, base model in stage 2. single_stage (paper App. B): the base model trains
-    # with encoder and decoder, up to a maximum log-SNR ~ Logistic(base_bias, 1) truncated at latent_logsnr_0.
-    mode: str = "two_stage"
+    # One of MODES. single_stage trains the base model with encoder and decoder, each example up to a
+    # maximum log-SNR ~ Logistic(base_bias, 1) truncated at latent_logsnr_0.
+    mode: str = TWO_STAGE
 
 
 @dataclass
@@ -213,30 +234,73 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+DEPRECATED_KEYS = {"model.loss_factor": "model.decoder_weighting.factor", "model.bias": "model.decoder_weighting.bias"}
+"""Old key → new key. Old keys are still read, with a FutureWarning, in YAML files and dicts (run folders
+saved before the rename) and in overrides (where an old key sets its new key). A file or dict that gives
+both, with different values, is an error."""
+
+
+def _warn_deprecated(old: str) -> str:
+    """The new name of the deprecated key ``old``, after a FutureWarning that names it."""
+    new = DEPRECATED_KEYS[old]
+    warnings.warn(f"{old} is deprecated: use {new}", FutureWarning, stacklevel=4)
+    return new
+
+
+def _section(data: dict[str, Any], parts: list[str], where: str) -> dict[str, Any]:
+    """The nested dict of ``data`` at ``parts``, created where missing; ``where`` starts the error message."""
+    node = data
+    for part in parts:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+    return node
+
+
+def _rename_deprecated_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each old key of :data:`DEPRECATED_KEYS` moved to its new key."""
+    data = copy.deepcopy(data)
+    for old, new in DEPRECATED_KEYS.items():
+        *old_parents, old_name = old.split(".")
+        holder = data
+        for part in old_parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or old_name not in holder:
+            continue
+        _warn_deprecated(old)
+        value = holder.pop(old_name)
+        *parents, name = new.split(".")
+        section = _section(data, parents, new)
+        if name in section and section[name] != value:
+            raise ConfigError(f"{old} ({value!r}) and {new} ({section[name]!r}) are both given and differ: "
+                              f"keep only {new}")
+        section[name] = value
+    return data
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place; an old key sets its new key."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.sub=value")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    key = key.strip()
+    if key in DEPRECATED_KEYS:
+        key = _warn_deprecated(key)
+    *parents, name = key.split(".")
+    _section(data, parents, f"override {key}")[name] = yaml.safe_load(raw)
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
     """A preset name (``tiny``, ``fmnist``, …) or a YAML path, then ``overrides``; validated."""
-    data = _read_yaml(name_or_path)
+    data = _rename_deprecated_keys(_read_yaml(name_or_path))
     for assignment in overrides or []:
         apply_override(data, assignment)
     return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _from_dict(Config, data).validate()
+    """A validated :class:`Config` from nested dicts (as read from YAML); reads deprecated keys too."""
+    return _from_dict(Config, _rename_deprecated_keys(data)).validate()
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -249,10 +313,9 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(config: Config) -> None:
-    from ul_fast.diffusion import SCHEDULE_KINDS
-
     m, t, s = config.model, config.train, config.sample
-    _require(m.loss_factor > 0, f"model.loss_factor must be > 0, got {m.loss_factor}")
+    _require(m.decoder_weighting.factor > 0,
+             f"model.decoder_weighting.factor must be > 0, got {m.decoder_weighting.factor}")
     _require(m.image_channels in (1, 3), f"model.image_channels must be 1 or 3, got {m.image_channels}")
     _require(m.image_size > 0 and m.latent_channels > 0, "model.image_size and model.latent_channels must be > 0")
     _require(m.latent_logsnr_min < m.latent_logsnr_0,
@@ -260,26 +323,33 @@ def validate(config: Config) -> None:
     _require(m.pixel_logsnr_min < m.pixel_logsnr_max, "model.pixel_logsnr_min must be below pixel_logsnr_max")
     for key in ("latent_schedule", "pixel_schedule"):
         _require(getattr(m, key) in SCHEDULE_KINDS, f"model.{key} must be one of {SCHEDULE_KINDS}")
-    _require(m.prediction in ("v", "eps"), f"model.prediction must be 'v' or 'eps', got {m.prediction!r}")
+    _require(m.prediction in PREDICTIONS, f"model.prediction must be one of {PREDICTIONS}, got {m.prediction!r}")
     _require(0 <= m.label_dropout < 1, f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
     _require(m.num_classes >= 0, "model.num_classes must be >= 0")
     _require(m.context_dim in (None, 384),
              f"model.context_dim must be null or 384 (all-MiniLM-L6-v2), got {m.context_dim}")
     _require(m.text_max_tokens > 0, "model.text_max_tokens must be > 0")
-    _require(m.mode in ("two_stage", "single_stage"), f"model.mode must be two_stage or single_stage, got {m.mode!r}")
-    _require(m.mode == "two_stage" or t.stage2_steps == 0,
+    _require(m.mode in MODES, f"model.mode must be one of {MODES}, got {m.mode!r}")
+    _require(m.mode == TWO_STAGE or t.stage2_steps == 0,
              "model.mode single_stage trains the base model in stage 1: set train.stage2_steps to 0")
+    for name in ("encoder", "prior", "decoder", "base"):
+        _require(getattr(m, name).patch >= 1, f"model.{name}.patch must be >= 1, got {getattr(m, name).patch}")
+    for name in ("prior", "decoder", "base"):
+        _require(getattr(m, name).head_dim >= 1, f"model.{name}.head_dim must be >= 1")
+    _require(len(m.encoder.channels) == len(m.encoder.blocks_per_stage) and len(m.encoder.channels) > 0,
+             "model.encoder.channels and blocks_per_stage must be non-empty and of the same length")
     factor = m.encoder.patch * 2 ** (len(m.encoder.channels) - 1)
     _require(m.image_size % factor == 0,
              f"model.image_size {m.image_size} must be divisible by the encoder's downsampling factor {factor}")
-    _require(len(m.encoder.channels) == len(m.encoder.blocks_per_stage),
-             "model.encoder.channels and blocks_per_stage must have the same length")
     for name in ("prior", "base"):
         vit = getattr(m, name)
         _require(len(vit.widths) == len(vit.depths) and len(vit.widths) > 0,
                  f"model.{name}.widths and depths must be non-empty and of the same length")
         _require(all(w % vit.head_dim == 0 for w in vit.widths),
                  f"model.{name}.widths must be multiples of head_dim {vit.head_dim}")
+    _require(len(m.decoder.conv_channels) > 0, "model.decoder.conv_channels must be non-empty")
+    _require(m.decoder.width % m.decoder.head_dim == 0,
+             f"model.decoder.width {m.decoder.width} must be a multiple of head_dim {m.decoder.head_dim}")
     dec_factor = m.decoder.patch * 2 ** len(m.decoder.conv_channels)
     _require(m.image_size % dec_factor == 0,
              f"model.image_size {m.image_size} must be divisible by the decoder's patch·2^stages = {dec_factor}")
@@ -294,6 +364,6 @@ def validate(config: Config) -> None:
              "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
     _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
              "train.log_every, eval_every and checkpoint_every must be > 0")
-    _require(s.sampler in ("ddim", "ancestral"), f"sample.sampler must be 'ddim' or 'ancestral', got {s.sampler!r}")
+    _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
     _require(len(s.guidance_interval) == 2, "sample.guidance_interval must be [min_logsnr, max_logsnr]")

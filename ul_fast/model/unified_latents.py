@@ -2,7 +2,8 @@
 
 Shapes: images ``x [B, C, H, W]`` in [−1, 1]; latents ``[B, C_z, h, w]`` with ``h = H / f``. Losses are
 nats per example (summed over the example's dimensions), averaged over the batch only at the end, so the
-prior's and the decoder's terms are on one scale (the meaning of ``c_lf`` depends on it).
+prior's and the decoder's terms are on one scale (the meaning of ``c_lf``, ``decoder_weighting.factor``,
+depends on it).
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import torch
 from torch import nn
 
 from ul_fast import ops
-from ul_fast.config import ModelConfig
-from ul_fast.diffusion import antithetic_times, make_schedule, prior_kl, truncated_logistic, x_from_eps, x_from_v
+from ul_fast.config import SINGLE_STAGE, ModelConfig
+from ul_fast.diffusion import (
+    LogSNRSchedule,
+    antithetic_times,
+    make_schedule,
+    prior_kl,
+    truncated_logistic,
+    x_from_eps,
+    x_from_v,
+)
 from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
 from ul_fast.sampling import logsnr_grid, sample
 
@@ -23,6 +32,7 @@ LN2 = math.log(2.0)
 
 class UnifiedLatents(nn.Module):
     """Stage 1 trains encoder, prior and decoder together; stage 2 trains the base model on frozen latents.
+    (``mode: single_stage``: stage 1 trains the base model in the prior's place, and there is no stage 2.)
 
     One number, ``latent_logsnr_0`` (λ_z(0)), sets both the encoder's output noise and the top of the
     prior's and base model's schedules; it is read from the config in one place and cannot drift.
@@ -30,23 +40,17 @@ class UnifiedLatents(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
-        c = config
-        self.encoder = ResNetEncoder(c.image_channels, c.latent_channels, tuple(c.encoder.channels),
-                                     tuple(c.encoder.blocks_per_stage), c.encoder.patch)
+        self.config = c = config
+        self.single_stage = c.mode == SINGLE_STAGE
+        self.encoder = ResNetEncoder(c.encoder, image_channels=c.image_channels, latent_channels=c.latent_channels)
         self.latent_size = c.image_size // self.encoder.downsample_factor
-
-        def vit(v, **extra) -> ViTDenoiser:
-            return ViTDenoiser(c.latent_channels, self.latent_size, tuple(v.widths), tuple(v.depths), v.head_dim,
-                               v.patch, v.mlp_ratio, v.dropout, **extra)
-
-        self.single_stage = c.mode == "single_stage"
-        self.prior = None if self.single_stage else vit(c.prior)  # single-stage: the base model is the prior
-        self.base = vit(c.base, num_classes=c.num_classes, context_dim=c.context_dim)
-        d = c.decoder
-        self.decoder = UViTDecoder(c.image_channels, c.image_size, c.latent_channels, d.patch,
-                                   tuple(d.conv_channels), d.blocks_per_stage, d.width, d.depth, d.head_dim,
-                                   d.mlp_ratio, d.dropout, latent_logsnr_conditioning=self.single_stage)
+        self.prior = None  # single-stage mode has no separate prior: the base model is trained in its place
+        if not self.single_stage:
+            self.prior = ViTDenoiser(c.prior, channels=c.latent_channels, grid=self.latent_size)
+        self.base = ViTDenoiser(c.base, channels=c.latent_channels, grid=self.latent_size,
+                                num_classes=c.num_classes, context_dim=c.context_dim)
+        self.decoder = UViTDecoder(c.decoder, image_channels=c.image_channels, image_size=c.image_size,
+                                   latent_channels=c.latent_channels, latent_logsnr_conditioning=self.single_stage)
         self.latent_logsnr_0 = c.latent_logsnr_0
         self.latent_schedule = make_schedule(c.latent_schedule, c.latent_logsnr_min, self.latent_logsnr_0,
                                              self.latent_size, c.pixel_base_resolution,
@@ -90,6 +94,23 @@ class UnifiedLatents(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("images contain non-finite pixels (NaN or inf)")
 
+    # ----------------------------------------------------------------------------- conditioning
+    def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
+                          pooled: torch.Tensor | None, generator: torch.Generator | None,
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Classifier-free guidance training (the base model's loss): replace each example's condition by
+        the null one with probability ``label_dropout`` (null label = ``num_classes``; null text = zeros)."""
+        p = self.config.label_dropout
+        reference = next(t for t in (labels, context, pooled) if t is not None)
+        keep = torch.rand(reference.shape[0], device=reference.device, generator=generator) >= p
+        if labels is not None:
+            labels = torch.where(keep, labels, torch.full_like(labels, self.config.num_classes))
+        if context is not None:
+            context = context * keep[:, None, None].to(context.dtype)
+        if pooled is not None:
+            pooled = pooled * keep[:, None].to(pooled.dtype)
+        return labels, context, pooled
+
     # ----------------------------------------------------------------------------- stage 1
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic ``z_clean = E(x)``: ``[B, C, H, W]`` → ``[B, C_z, h, w]``."""
@@ -104,12 +125,14 @@ class UnifiedLatents(nn.Module):
         logsnr = torch.full((z_clean.shape[0],), self.latent_logsnr_0, device=z_clean.device)
         return ops.noise_inject(z_clean, logsnr, seed)[0]
 
-    def _diffusion_term(self, net, clean: torch.Tensor, schedule, generator, loss_factor: float = 1.0,
-                        bias: float | None = None, max_logsnr: torch.Tensor | None = None,
-                        **net_inputs) -> torch.Tensor:
-        """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` at antithetic times for one diffusion model.
+    def _diffusion_term(self, net: nn.Module, clean: torch.Tensor, schedule: LogSNRSchedule,
+                        generator: torch.Generator | None, *, loss_factor: float = 1.0, bias: float | None = None,
+                        max_logsnr: torch.Tensor | None = None, **net_inputs) -> torch.Tensor:
+        """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` (nats, ``[B]``) at antithetic times for one diffusion model.
 
+        ``w(λ) = loss_factor·sigmoid(bias − λ)``; ``bias=None``: ``w = 1``, the unweighted ELBO.
         ``max_logsnr [B]`` truncates each example's ELBO to ``λ ≤ max_logsnr`` (single-stage training).
+        ``net_inputs`` go to ``net`` after ``(x_t, logsnr)``.
         """
         t = antithetic_times(clean.shape[0], clean.device, generator)
         logsnr = schedule.logsnr(t)
@@ -120,23 +143,27 @@ class UnifiedLatents(nn.Module):
         noisy, _ = ops.noise_inject(clean, logsnr, seed)
         pred = net(noisy, logsnr, **net_inputs)
         return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
-                                  loss_factor, bias)
+                                  loss_factor=loss_factor, bias=bias)
 
     def stage1_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                     pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     ) -> dict[str, torch.Tensor]:
-        """Joint loss ``L = L_z + L_x`` and its breakdown.
+        """Stage-1 loss: the joint ``L = L_z + L_x`` of encoder, prior (or base model) and decoder.
+
+        x: images ``[B, C, H, W]`` in [−1, 1]; labels ``[B]``, text ``context [B, T, E]`` and ``pooled
+        [B, E]``: optional conditioning, read in single-stage mode only (dropped per example with probability
+        ``label_dropout`` for guidance); generator: drives every random draw.
 
         Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image: unweighted prior ELBO
         on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the latent's information);
-        ``prior_kl``; ``decoder_loss`` (sigmoid-weighted ``L_x``); ``bits_per_pixel`` (``L_z / ln 2 /
-        (H·W)``); ``bits_per_latent_dim``.
+        ``prior_kl``; ``decoder_loss`` (``L_x``, weighted by ``decoder_weighting``); ``bits_per_pixel``
+        (``L_z / ln 2 / (H·W)``); ``bits_per_latent_dim``.
 
         Single-stage mode (paper App. B): each example's latent noise level is drawn,
-        ``λ_max ~ Logistic(b_base, 1)`` truncated at ``λ_z(0)``; the decoder sees the latent at that level
-        (and the level itself), and ``L_z`` is the base model's unweighted ELBO of it, truncated at
-        ``λ_max``. Its expectation over ``λ_max`` is the base model's sigmoid-weighted loss. Conditioning
-        (labels, text) is used only in this mode, with dropout for guidance.
+        ``λ_max ~ Logistic(b_base, 1)`` (``b_base`` = ``base_bias``) truncated at ``λ_z(0)``; the decoder
+        sees the latent at that level (and the level itself), and ``L_z`` is the base model's unweighted
+        ELBO of it, truncated at ``λ_max``. Its expectation over ``λ_max`` is the base model's
+        sigmoid-weighted loss.
         """
         z_clean = self.encode(x)
         latent_kl = prior_kl(z_clean, self.config.latent_logsnr_min)
@@ -154,8 +181,9 @@ class UnifiedLatents(nn.Module):
             z_0 = self.noisy_latent(z_clean, generator=generator)
             prior_nats = self._diffusion_term(self.prior, z_clean, self.latent_schedule, generator) + latent_kl
             decoder_inputs = {"z_0": z_0}
+        weighting = self.config.decoder_weighting
         decoder_loss = self._diffusion_term(self.decoder, x, self.pixel_schedule, generator,
-                                            self.config.loss_factor, self.config.bias, **decoder_inputs)
+                                            loss_factor=weighting.factor, bias=weighting.bias, **decoder_inputs)
         prior_mean = prior_nats.mean()
         pixels = self.config.image_size * self.config.image_size
         return {
@@ -167,47 +195,39 @@ class UnifiedLatents(nn.Module):
             "bits_per_latent_dim": prior_mean.detach() / LN2 / z_clean[0].numel(),
         }
 
+    # ----------------------------------------------------------------------------- stage 2
+    def stage2_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    ) -> dict[str, torch.Tensor]:
+        """Stage-2 loss: the base model on frozen ``z_clean = E(x)``.
+
+        Arguments as for :meth:`stage1_loss`; the conditioning given is dropped per example with
+        probability ``label_dropout`` for classifier-free guidance. Weighting ``sigmoid(b_base − λ)`` (not
+        the ELBO), on the latent schedule topped at ``λ_z(0)``. Returns scalars: ``loss``, ``base_loss``.
+        """
+        with torch.no_grad():
+            z_clean = self.encode(x)
+        if any(t is not None for t in (labels, context, pooled)):
+            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+        loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, bias=self.config.base_bias,
+                                    labels=labels, context=context, pooled=pooled)
+        return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
+
+    # ----------------------------------------------------------------------------- training entry point
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 pooled: torch.Tensor | None = None, generator: torch.Generator | None = None, stage: int = 1,
                 ) -> dict[str, torch.Tensor]:
-        """The training loss of ``stage`` (1 or 2); a forward so that DDP can wrap the model."""
+        """:meth:`stage1_loss` or :meth:`stage2_loss` (``stage`` 1 or 2) with the same arguments; a forward
+        so that DDP and FSDP can wrap the model."""
         if stage == 1:
             return self.stage1_loss(x, labels, context, pooled, generator)
         if stage == 2:
             return self.stage2_loss(x, labels, context, pooled, generator)
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
-    # ----------------------------------------------------------------------------- stage 2
-    def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
-                          pooled: torch.Tensor | None, generator: torch.Generator | None):
-        """Classifier-free guidance training: replace each example's condition by the null one with
-        probability ``label_dropout`` (null label = ``num_classes``; null text = zeros)."""
-        p = self.config.label_dropout
-        reference = next(t for t in (labels, context, pooled) if t is not None)
-        keep = torch.rand(reference.shape[0], device=reference.device, generator=generator) >= p
-        if labels is not None:
-            labels = torch.where(keep, labels, torch.full_like(labels, self.config.num_classes))
-        if context is not None:
-            context = context * keep[:, None, None].to(context.dtype)
-        if pooled is not None:
-            pooled = pooled * keep[:, None].to(pooled.dtype)
-        return labels, context, pooled
-
-    def stage2_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    ) -> dict[str, torch.Tensor]:
-        """Base-model loss on frozen ``z_clean``: sigmoid weighting ``sigmoid(b_base − λ)`` (not the ELBO),
-        schedule topped at ``λ_z(0)``; labels/text dropped for classifier-free guidance."""
-        with torch.no_grad():
-            z_clean = self.encode(x)
-        if any(t is not None for t in (labels, context, pooled)):
-            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
-        loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, 1.0,
-                                    self.config.base_bias, labels=labels, context=context, pooled=pooled)
-        return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
-
     # ----------------------------------------------------------------------------- sampling
     def _to_denoised(self, x_t: torch.Tensor, pred: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+        """``x̂`` from a network's output, read as the config's ``prediction`` (``v̂`` or ``ε̂``)."""
         pred = pred.to(x_t.dtype)
         return x_from_v(x_t, pred, logsnr) if self.config.prediction == "v" else x_from_eps(x_t, pred, logsnr)
 

@@ -1,6 +1,7 @@
-"""Networks: ResNet encoder, ViT prior/base model, UViT decoder."""
+"""Networks: ResNet encoder, ViT prior/base model, UViT decoder. Each takes its config dataclass
+(:mod:`ul_fast.config`) and, by keyword, the shape facts that come from elsewhere."""
 
-from ul_fast.nets.encoder import ResNetEncoder
+from ul_fast.nets.resnet_encoder import ResNetEncoder
 from ul_fast.nets.uvit import UViTDecoder
 from ul_fast.nets.vit import ViTDenoiser
 

@@ -6,36 +6,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ul_fast.nets.layers import AdaLNBlock, LogSNREmbedding, ResBlock, group_norm, sincos_position_embedding
+from ul_fast.config import DecoderConfig
+from ul_fast.nets.layers import (
+    AdaLNBlock,
+    LogSNREmbedding,
+    ResBlock,
+    group_norm,
+    require_config,
+    sincos_position_embedding,
+)
 
 
 class UViTDecoder(nn.Module):
-    """Conv down stages → transformer at the bottleneck → conv up stages with skips.
+    """Conv down stages → transformer at the bottleneck → conv up stages with skips, shaped by a
+    :class:`DecoderConfig`.
 
     ``z_0`` enters twice: upsampled (nearest) to the image size and concatenated to ``x_t``, and
     resized to the bottleneck grid, projected and added to the tokens.
-    forward: x_t ``[B, C, H, W]``, logsnr ``[B]``, z_0 ``[B, C_z, h, w]`` (and, for single-stage
-    training, the latent's log-SNR ``[B]``) → v̂ ``[B, C, H, W]``.
+    forward: x_t ``[B, C, H, W]``, logsnr ``[B]``, z_0 ``[B, C_z, h, w]`` and, if built with
+    ``latent_logsnr_conditioning`` (single-stage training), the latent's log-SNR ``[B]`` → the prediction
+    ``[B, C, H, W]`` (``v̂`` or ``ε̂``, per the model's ``prediction``).
     The bottleneck grid is ``H / (patch · 2^len(conv_channels))``.
     """
 
-    def __init__(self, channels: int, image_size: int, latent_channels: int, patch: int = 2,
-                 conv_channels: tuple[int, ...] = (128, 256, 512), blocks_per_stage: int = 2, width: int = 1024,
-                 depth: int = 8, head_dim: int = 64, mlp_ratio: float = 4.0, dropout: float = 0.0,
+    def __init__(self, config: DecoderConfig, *, image_channels: int, image_size: int, latent_channels: int,
                  latent_logsnr_conditioning: bool = False):
         super().__init__()
+        require_config(config, DecoderConfig, "UViTDecoder")
+        patch, conv_channels, blocks_per_stage = config.patch, config.conv_channels, config.blocks_per_stage
+        width, head_dim, mlp_ratio, dropout = config.width, config.head_dim, config.mlp_ratio, config.dropout
+        if not conv_channels:
+            raise ValueError("DecoderConfig.conv_channels must be non-empty")
+        if patch < 1 or head_dim < 1:
+            raise ValueError(f"DecoderConfig.patch and head_dim must be >= 1, got {patch} and {head_dim}")
         factor = patch * 2 ** len(conv_channels)
         if image_size % factor:
-            raise ValueError(f"image size {image_size} must be divisible by patch·2^stages = {factor}")
+            raise ValueError(f"image size {image_size} must be divisible by DecoderConfig's "
+                             f"patch·2^len(conv_channels) = {factor}")
         if width % head_dim:
-            raise ValueError(f"width {width} must be divisible by head_dim {head_dim}")
-        self.channels, self.image_size, self.patch = channels, image_size, patch
+            raise ValueError(f"DecoderConfig.width {width} must be divisible by head_dim {head_dim}")
+        self.channels, self.image_size, self.patch = image_channels, image_size, patch
         self.bottleneck_grid = image_size // factor
         cond_dim = width
         self.logsnr_embedding = LogSNREmbedding(cond_dim)
         # Single-stage training varies the latent's noise level, so the decoder must be told it.
         self.latent_logsnr_embedding = LogSNREmbedding(cond_dim) if latent_logsnr_conditioning else None
-        self.stem = nn.Conv2d((channels + latent_channels) * patch * patch, conv_channels[0], 3, padding=1)
+        self.stem = nn.Conv2d((image_channels + latent_channels) * patch * patch, conv_channels[0], 3, padding=1)
         self.down_stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         previous = conv_channels[0]
@@ -48,7 +64,7 @@ class UViTDecoder(nn.Module):
         self.latent_to_tokens = nn.Linear(latent_channels, width)
         self.register_buffer("positions", sincos_position_embedding(self.bottleneck_grid, width), persistent=False)
         self.blocks = nn.ModuleList([AdaLNBlock(width, width // head_dim, cond_dim, mlp_ratio, dropout)
-                                     for _ in range(depth)])
+                                     for _ in range(config.depth)])
         self.token_norm = nn.LayerNorm(width)
         self.from_tokens = nn.Linear(width, previous)
         self.up_stages = nn.ModuleList()
@@ -57,7 +73,7 @@ class UViTDecoder(nn.Module):
                 [ResBlock(previous + ch if b == 0 else ch, ch, cond_dim, dropout) for b in range(blocks_per_stage)]))
             previous = ch
         self.out = nn.Sequential(group_norm(previous), nn.SiLU(),
-                                 nn.Conv2d(previous, channels * patch * patch, 3, padding=1))
+                                 nn.Conv2d(previous, image_channels * patch * patch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

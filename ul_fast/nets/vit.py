@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ul_fast.nets.layers import AdaLNBlock, FinalLayer, LogSNREmbedding, patchify, sincos_position_embedding, unpatchify
+from ul_fast.config import ViTConfig
+from ul_fast.nets.layers import (
+    AdaLNBlock,
+    FinalLayer,
+    LogSNREmbedding,
+    patchify,
+    require_config,
+    sincos_position_embedding,
+    unpatchify,
+)
 
 
 def _merge(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -28,28 +37,36 @@ def _split(tokens: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class ViTDenoiser(nn.Module):
-    """v-prediction ViT on a ``channels × grid × grid`` latent.
+    """Denoising ViT on a ``channels × grid × grid`` latent, shaped by a :class:`ViTConfig`.
 
     forward: z_t ``[B, C, g, g]``, logsnr ``[B]``, optional labels ``[B]`` (``num_classes`` = dropped),
-    optional text ``context [B, T, context_dim]`` and ``pooled [B, context_dim]`` → v̂ ``[B, C, g, g]``.
+    optional text ``context [B, T, context_dim]`` and ``pooled [B, context_dim]`` → the prediction
+    ``[B, C, g, g]`` (``v̂`` or ``ε̂``: the model's ``prediction`` decides what it is trained to output).
+    ``num_classes = 0`` and ``context_dim = None``: unconditional (the prior).
     """
 
-    def __init__(self, channels: int, grid: int, widths: tuple[int, ...] = (1024,), depths: tuple[int, ...] = (8,),
-                 head_dim: int = 64, patch: int = 1, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 num_classes: int = 0, context_dim: int | None = None):
+    def __init__(self, config: ViTConfig, *, channels: int, grid: int, num_classes: int = 0,
+                 context_dim: int | None = None):
         super().__init__()
-        if len(widths) != len(depths):
-            raise ValueError("vit widths and depths must have the same length")
+        require_config(config, ViTConfig, "ViTDenoiser")
+        widths, depths, head_dim, patch = config.widths, config.depths, config.head_dim, config.patch
+        mlp_ratio, dropout = config.mlp_ratio, config.dropout
+        if not widths or len(widths) != len(depths):
+            raise ValueError(f"ViTConfig.widths and depths must be non-empty and of the same length, "
+                             f"got {list(widths)} and {list(depths)}")
+        if patch < 1 or head_dim < 1:
+            raise ValueError(f"ViTConfig.patch and head_dim must be >= 1, got {patch} and {head_dim}")
         if grid % patch:
-            raise ValueError(f"latent grid {grid} must be divisible by patch {patch}")
+            raise ValueError(f"latent grid {grid} must be divisible by ViTConfig.patch {patch}")
         token_grid = grid // patch
         if token_grid % (2 ** (len(widths) - 1)):
-            raise ValueError(f"token grid {token_grid} cannot be halved {len(widths) - 1} times")
+            raise ValueError(f"token grid {token_grid} cannot be halved {len(widths) - 1} times "
+                             f"(one fewer than the {len(widths)} levels of ViTConfig.widths)")
         for level, (w, d) in enumerate(zip(widths, depths)):
             if w % head_dim:
-                raise ValueError(f"width {w} must be divisible by head_dim {head_dim}")
+                raise ValueError(f"ViTConfig.widths[{level}] = {w} must be divisible by head_dim {head_dim}")
             if level < len(widths) - 1 and d % 2:
-                raise ValueError(f"depth {d} of level {level} must be even (half down, half up)")
+                raise ValueError(f"ViTConfig.depths[{level}] = {d} must be even (half down, half up)")
         self.channels, self.grid, self.patch, self.token_grid = channels, grid, patch, token_grid
         self.num_classes = num_classes
         cond_dim = max(widths)

@@ -4,6 +4,10 @@
 and predicts the clean data. ``logsnrs`` is the increasing grid ``[λ_0 < λ_1 < … < λ_N]`` from the
 noisiest level to the level to stop at; the sampler returns the state at ``λ_N`` (for the base model
 that is the noisy latent ``z_0`` at ``λ_z(0)``, which is what the decoder was trained on).
+
+Every sampler is called as ``sampler(denoise, x, logsnrs, generator=…, callback=…, disable=…)``; to add
+one, write it and list it in ``_SAMPLER_FUNCTIONS`` (which names it for :func:`sample`, the config and
+the CLI).
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ def _steps(logsnrs: torch.Tensor, x: torch.Tensor, desc: str, disable: bool):
 
 @torch.no_grad()
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor, callback: Callback | None = None,
-                disable: bool = False) -> torch.Tensor:
+                disable: bool = False, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Deterministic DDIM: ``x_t = α_t·x̂ + σ_t·ε̂`` with ``ε̂ = (x_s − α_s·x̂)/σ_s``.
 
-    x: the start state at ``logsnrs[0]`` (usually ``N(0, I)``).
+    x: the start state at ``logsnrs[0]`` (usually ``N(0, I)``). ``generator`` is unused (nothing is
+    drawn); it is accepted so that every sampler has one signature.
     """
     for i, lam_s, lam_t in _steps(logsnrs, x, "ddim", disable):
         denoised = denoise(x, lam_s)
@@ -77,15 +82,16 @@ def sample_ancestral(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
     return x
 
 
-SAMPLERS = ("ddim", "ancestral")
+_SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "ancestral": sample_ancestral}
+
+SAMPLERS = tuple(_SAMPLER_FUNCTIONS)
+"""The sampler names: ``sample``'s ``name``, the config's ``sample.sampler``, the CLI's ``--sampler``."""
 
 
 def sample(name: str, denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
            generator: torch.Generator | None = None, callback: Callback | None = None,
            disable: bool = False) -> torch.Tensor:
-    """Run the sampler called ``name`` (``ddim`` or ``ancestral``)."""
-    if name == "ddim":
-        return sample_ddim(denoise, x, logsnrs, callback, disable)
-    if name == "ancestral":
-        return sample_ancestral(denoise, x, logsnrs, generator, callback, disable)
-    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    """Run the sampler called ``name`` (one of :data:`SAMPLERS`)."""
+    if name not in _SAMPLER_FUNCTIONS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    return _SAMPLER_FUNCTIONS[name](denoise, x, logsnrs, generator=generator, callback=callback, disable=disable)

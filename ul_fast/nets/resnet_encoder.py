@@ -6,23 +6,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ul_fast.nets.layers import ResBlock, group_norm
+from ul_fast.config import EncoderConfig
+from ul_fast.nets.layers import ResBlock, group_norm, require_config
 
 
 class ResNetEncoder(nn.Module):
     """2×2 (``patch``) space-to-depth, then ResNet stages with a stride-2 conv between stages.
 
-    x ``[B, C, H, W]`` → z_clean ``[B, latent_channels, H/f, W/f]`` with
+    x ``[B, image_channels, H, W]`` → z_clean ``[B, latent_channels, H/f, W/f]`` with
     ``f = patch · 2^(len(channels) − 1)`` (:attr:`downsample_factor`).
     """
 
-    def __init__(self, in_channels: int, latent_channels: int, channels: tuple[int, ...] = (128, 256, 512, 512),
-                 blocks_per_stage: tuple[int, ...] = (2, 2, 2, 3), patch: int = 2):
+    def __init__(self, config: EncoderConfig, *, image_channels: int, latent_channels: int):
         super().__init__()
-        if len(channels) != len(blocks_per_stage):
-            raise ValueError("encoder channels and blocks_per_stage must have the same length")
+        require_config(config, EncoderConfig, "ResNetEncoder")
+        channels, blocks_per_stage, patch = config.channels, config.blocks_per_stage, config.patch
+        if not channels or len(channels) != len(blocks_per_stage):
+            raise ValueError(f"EncoderConfig.channels and blocks_per_stage must be non-empty and of the same "
+                             f"length, got {list(channels)} and {list(blocks_per_stage)}")
+        if patch < 1:
+            raise ValueError(f"EncoderConfig.patch must be >= 1, got {patch}")
         self.patch = patch
-        self.stem = nn.Conv2d(in_channels * patch * patch, channels[0], 3, padding=1)
+        self.stem = nn.Conv2d(image_channels * patch * patch, channels[0], 3, padding=1)
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         previous = channels[0]
