@@ -16,6 +16,7 @@ from ul_fast.data import (
     DEBIAN_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
     BatchStream,
+    Conditioning,
     ImageArrayDataset,
     all_fashion_mnist_captions,
     captions_for_class,
@@ -446,3 +447,29 @@ def test_make_embedded_script_reproduces_committed_files(tmp_path, capsys):
     shipped = resources.files("ul_fast.data") / "embedded"
     for name in ("fashion_mnist_subset.npz", "LICENSE-fashion-mnist", "README.md"):
         assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
+
+
+def test_class_conditioning_of_batches_grids_and_requests():
+    """Labels pass through to a class-conditional model; a grid shows class i % K in column i; a request is
+    one class for every image or all classes in turn. An unconditional model gets no labels."""
+    from ul_fast.config import ModelConfig
+
+    cpu = torch.device("cpu")
+    conditioning = Conditioning(ModelConfig(num_classes=10), cpu)
+    labels = torch.tensor([3, 1, 4])
+    assert conditioning.for_batch(labels)["labels"] is labels
+    grid, columns = conditioning.for_grid(12)
+    assert columns == 10 and torch.equal(grid["labels"], torch.arange(12) % 10)
+    one, columns = conditioning.for_request(4, label=7)
+    assert columns is None and torch.equal(one["labels"], torch.full((4,), 7))
+    every, columns = conditioning.for_request(12)
+    assert columns == 10 and torch.equal(every["labels"], torch.arange(12) % 10)
+
+    unconditional = Conditioning(ModelConfig(), cpu)
+    assert unconditional.for_batch(labels) == {"labels": None}
+    assert unconditional.for_grid(5) == ({"labels": None}, None)
+    assert unconditional.for_request(5) == ({"labels": None}, None)
+    # A text model draws captions per Fashion-MNIST class: without labelled training data it says so
+    # (before loading the text encoder).
+    with pytest.raises(ValueError, match="labelled Fashion-MNIST data"):
+        Conditioning(ModelConfig(context_dim=384), cpu).for_batch(labels)

@@ -14,7 +14,7 @@ import yaml
 
 from ul_fast.config import ConfigError
 from ul_fast.train import Trainer
-from ul_fast.train.logging import read_metrics
+from ul_fast.train.metrics_log import read_metrics
 
 from micro import MICRO, micro_config
 
@@ -45,7 +45,8 @@ def test_higher_loss_factor_gives_a_higher_bitrate(tmp_path):
     Held-out bits/pixel after 150 steps here: about 0.04 (c_lf 1.1) vs 0.13 (c_lf 6)."""
     results = {}
     for loss_factor in (1.1, 6.0):
-        metrics = train(tmp_path, f"clf{loss_factor}", model={"loss_factor": loss_factor},
+        weighting = {"factor": loss_factor, "bias": 0.0}
+        metrics = train(tmp_path, f"clf{loss_factor}", model={"decoder_weighting": weighting},
                         train={"stage1_steps": 150, "stage2_steps": 0, "eval_every": 150, "log_every": 50,
                                "checkpoint_every": 1000, "batch_size": 32})
         results[loss_factor] = metrics[-1]["heldout_bits_per_pixel"]
@@ -106,9 +107,9 @@ def test_cli_train_then_sample(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path):
-    bad = _cli("train", "--config", "tiny", "--out", str(tmp_path / "x"), "--set", "model.loss_factor=0")
+    bad = _cli("train", "--config", "tiny", "--out", str(tmp_path / "x"), "--set", "model.decoder_weighting.factor=0")
     assert bad.wait(timeout=120) == 2
-    assert "model.loss_factor must be > 0" in bad.stdout.read()
+    assert "model.decoder_weighting.factor must be > 0" in bad.stdout.read()
     missing = _cli("sample", "--run", str(tmp_path / "nothing"))
     assert missing.wait(timeout=120) == 2
     assert "not a ul_fast run folder" in missing.stdout.read()

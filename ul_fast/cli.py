@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ul_fast.sampling import SAMPLERS
+
 
 def _train(args: argparse.Namespace) -> None:
     from ul_fast.config import load_config
@@ -46,36 +48,27 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from ul_fast.data import Conditioning
+    from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
     from ul_fast.train import load_trained_model
-    from ul_fast.train.trainer import resolve_device
 
     device = resolve_device(args.device)
     config, model = load_trained_model(args.run, device)
-    s = config.sample
-    generator = torch.Generator(device).manual_seed(args.seed)
-    labels, text = None, {}
-    if args.prompt is not None:
-        if not config.model.context_dim:
-            raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
-        from ul_fast.text import TextEncoder
-
-        embedding = TextEncoder(device, max_tokens=config.model.text_max_tokens).encode([args.prompt])
-        text = {"context": embedding.tokens.expand(args.n, -1, -1), "pooled": embedding.pooled.expand(args.n, -1)}
-    elif config.model.context_dim:
+    m, s = config.model, config.sample
+    if args.prompt is not None and not m.context_dim:
+        raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
+    if args.prompt is None and m.context_dim:
         raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker'")
-    if args.label is not None:
-        if not 0 <= args.label < config.model.num_classes:
-            raise ValueError(f"--label must be in [0, {config.model.num_classes}), got {args.label}")
-        labels = torch.full((args.n,), args.label, device=device, dtype=torch.long)
-    elif config.model.num_classes:
-        labels = torch.arange(args.n, device=device) % config.model.num_classes
+    if args.label is not None and not 0 <= args.label < m.num_classes:
+        raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
+    conditioning, columns = Conditioning(m, device).for_request(args.n, args.prompt, args.label)
+    generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
-                          args.sampler or s.sampler, generator, progress=not args.no_progress, labels=labels,
+                          args.sampler or s.sampler, generator, progress=not args.no_progress,
                           guidance=s.guidance if args.guidance is None else args.guidance,
-                          guidance_interval=tuple(s.guidance_interval), **text)
-    save_grid(images.float(), args.out, columns=config.model.num_classes if labels is not None and args.label
-              is None else None)
+                          guidance_interval=tuple(s.guidance_interval), **conditioning)
+    save_grid(images.float(), args.out, columns=columns)
     print(f"wrote {args.n} samples to {args.out}")
 
 
@@ -116,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--prompt", help="caption for a text-conditioned run, e.g. 'a photo of a sneaker'")
     sample.add_argument("--label", type=int, help="class label for every image (default: all classes in turn)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
-    sample.add_argument("--sampler", choices=["ddim", "ancestral"])
+    sample.add_argument("--sampler", choices=SAMPLERS)
     sample.add_argument("--latent-steps", type=int)
     sample.add_argument("--decoder-steps", type=int)
     sample.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,8 @@
 
 Every loader returns an :class:`ImageArrayDataset` (float32 ``[N, C, H, W]`` in [-1, 1], optional int64
 labels). :func:`load_dataset` picks a loader from a spec string; :class:`BatchStream` yields shuffled
-batches with an exactly restorable position.
+batches with an exactly restorable position; :class:`Conditioning` gives the class labels and caption
+embeddings of training batches, sample grids and sampling requests.
 """
 
 from .arrays import LAYOUTS, array_to_dataset, detect_layout, load_array
@@ -14,6 +15,7 @@ from .captions import (
     fashion_mnist_captions,
     with_article,
 )
+from .conditioning import Conditioning
 from .dataset import ImageArrayDataset, resize_images, uint8_to_float
 from .fashion_mnist import (
     DEBIAN_FASHION_MNIST_ROOT,
@@ -29,6 +31,7 @@ from .stream import BatchStream
 __all__ = [
     "BatchStream",
     "CAPTION_TEMPLATES",
+    "Conditioning",
     "DATASET_SPECS",
     "DEBIAN_FASHION_MNIST_ROOT",
     "FASHION_MNIST_CLASSES",

@@ -7,7 +7,8 @@ Importing this package needs only torch and safetensors; the extra's packages ar
 """
 
 from ul_fast.text.bank import ClassCaptionBank
-from ul_fast.text.encoder import (
+from ul_fast.text.minilm import MiniLM, MiniLMConfig, load_minilm, mean_pool
+from ul_fast.text.text_encoder import (
     EMBED_DIM,
     MINILM_TOKENIZER_SHA256,
     MINILM_WEIGHTS_SHA256,
@@ -17,7 +18,6 @@ from ul_fast.text.encoder import (
     encode_caption_bank,
     verify_sha256,
 )
-from ul_fast.text.minilm import MiniLM, MiniLMConfig, load_minilm, mean_pool
 
 __all__ = [
     "EMBED_DIM",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ul_fast.text.encoder import TextEmbedding, TextEncoder
+from ul_fast.text.text_encoder import TextEmbedding, TextEncoder
 
 __all__ = ["ClassCaptionBank"]
 
@@ -47,3 +47,7 @@ class ClassCaptionBank:
     def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> TextEmbedding:
         """One random caption's embedding per label, on the encoder's device."""
         return self.embedding[self.caption_ids(labels, generator)]
+
+    def first(self, labels: torch.Tensor) -> TextEmbedding:
+        """The embedding of each label's first caption (e.g. "a photo of a t-shirt"): fixed sample grids."""
+        return self.embedding[self.offsets[labels.detach().cpu()]]

@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-NETWORKS = ("encoder", "prior", "decoder", "base")
-
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or the tensor itself."""
@@ -33,7 +31,7 @@ def shard_networks(model: nn.Module, world_size: int, device_type: str) -> None:
     from ul_fast.nets.layers import AdaLNBlock, ResBlock
 
     mesh = init_device_mesh(device_type, (world_size,))
-    for name in NETWORKS:
+    for name in model.NETWORKS:
         network = getattr(model, name, None)
         if network is None:
             continue

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ul_fast.config import Config, save_config
-from ul_fast.data import BatchStream, load_dataset
+from ul_fast.data import BatchStream, Conditioning, load_dataset
+from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import (
@@ -29,9 +30,8 @@ from ul_fast.train.checkpoint import (
     save_checkpoint,
 )
 from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
-from ul_fast.train.logging import MetricsLog
+from ul_fast.train.metrics_log import MetricsLog
 from ul_fast.train.parallel import (
-    NETWORKS,
     full,
     gather_optimizer,
     gather_weights,
@@ -40,18 +40,14 @@ from ul_fast.train.parallel import (
     shard_networks,
 )
 
-STAGE_NETWORKS = {1: ("encoder.", "prior.", "decoder."), 2: ("base.",)}
-SINGLE_STAGE_NETWORKS = ("encoder.", "base.", "decoder.")
-
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def parameter_prefixes(networks: tuple[str, ...]) -> tuple[str, ...]:
+    """Parameter-name prefixes of the named networks: ``("encoder", "prior")`` → ``("encoder.", "prior.")``."""
+    return tuple(f"{name}." for name in networks)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -87,18 +83,18 @@ class Trainer:
             shard_networks(self.model, world_size, self.device.type)
             shard_networks(self.ema_model, world_size, self.device.type)
         if t.compile:
-            for network in (getattr(self.model, name) for name in NETWORKS):
+            for network in (getattr(self.model, name) for name in self.model.NETWORKS):
                 if network is not None:
                     network.compile()
         image_channels = config.model.image_channels
         self.train_data = load_dataset(config.data.dataset, "train", config.model.image_size, image_channels)
         self.test_data = load_dataset(config.data.dataset, "test", config.model.image_size, image_channels)
         self.stream = BatchStream(self.train_data, t.batch_size, t.seed, rank, world_size)
-        # Per-rank generator for times, noise seeds and label dropout: saved with the checkpoint.
+        # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
+        # caption drawn per label (text models) in the conditioning's own CPU generator.
         self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + rank)
-        # Caption choice for text conditioning draws on the CPU (the caption bank indexes there).
-        self.caption_generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 500)
-        self._caption_bank = None
+        self.conditioning = Conditioning(config.model, self.device, self.train_data, self.run_dir / "text-cache",
+                                         seed=t.seed * 1000 + rank + 500)
         self.stage, self.stage_step, self.bad_steps = 1, 0, 0
         self.skipped_steps = 0
         self.frozen_bits_per_pixel: float | None = None
@@ -116,7 +112,7 @@ class Trainer:
     @property
     def stage_networks(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the networks the current stage trains."""
-        return SINGLE_STAGE_NETWORKS if self.model.single_stage else STAGE_NETWORKS[self.stage]
+        return parameter_prefixes(self.model.trained_networks(self.stage))
 
     @property
     def uses_base(self) -> bool:
@@ -152,7 +148,8 @@ class Trainer:
 
     def _rng_states(self) -> list[dict[str, Any]]:
         """Every rank's generator states (each rank draws its own times, noise and dropout)."""
-        state = {"generator": self.generator.get_state(), "caption_generator": self.caption_generator.get_state(),
+        state = {"generator": self.generator.get_state(),
+                 "caption_generator": self.conditioning.generator.get_state(),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         if self.world_size == 1:
@@ -196,7 +193,7 @@ class Trainer:
                                   f"same number (got {self.world_size}) to continue exactly")
         rng = state["rng"][self.rank]
         self.generator.set_state(rng["generator"])
-        self.caption_generator.set_state(rng["caption_generator"])
+        self.conditioning.generator.set_state(rng["caption_generator"])
         torch.set_rng_state(rng["torch_rng"])
         if rng["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
@@ -205,45 +202,29 @@ class Trainer:
         self.log.truncate_after(self.global_step)
 
     # ----------------------------------------------------------------------------- one step
-    @property
-    def caption_bank(self):
-        """Embeddings of every Fashion-MNIST caption (text-conditioned models only), built on first use."""
-        if self._caption_bank is None:
-            from ul_fast.data import all_fashion_mnist_captions
-            from ul_fast.text import ClassCaptionBank, TextEncoder
-
-            if self.train_data.labels is None or self.train_data.num_classes != 10:
-                raise ValueError("text conditioning draws captions per Fashion-MNIST class: it needs the labelled "
-                                 "Fashion-MNIST data (data.dataset fmnist-embedded or fmnist)")
-            encoder = TextEncoder(self.device, cache_dir=self.run_dir / "text-cache",
-                                  max_tokens=self.config.model.text_max_tokens)
-            self._caption_bank = ClassCaptionBank(all_fashion_mnist_captions(), encoder)
-        return self._caption_bank
-
-    def _conditioning(self, labels: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Stage-2 conditioning of a batch: class labels and/or caption embeddings for its labels."""
-        m = self.config.model
-        conditioning: dict[str, torch.Tensor | None] = {"labels": labels if m.num_classes else None}
-        if m.context_dim:
-            text = self.caption_bank.sample(labels, self.caption_generator)
-            conditioning.update(context=text.tokens.to(self.device), pooled=text.pooled.to(self.device))
-        return conditioning
-
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.ddp_model if self.ddp_model is not None else self.model
         with self._autocast():
-            conditioning = self._conditioning(labels) if self.uses_base else {}
+            conditioning = self.conditioning.for_batch(labels) if self.uses_base else {}
             return model(images, generator=self.generator, stage=self.stage, **conditioning)
+
+    def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients in backward; with gradient accumulation only the last micro-step's
+        backward needs to (the others accumulate locally under ``no_sync``), for the same summed gradient."""
+        if self.ddp_model is None or last_micro_step:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
 
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step (with gradient accumulation); None if it was skipped as non-finite."""
         t = self.config.train
         self.model.train()
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(t.grad_accumulation):
+        for micro_step in range(t.grad_accumulation):
             images, labels = self.stream.next_batch()
-            out = self._loss(images.to(self.device, non_blocking=True), labels.to(self.device))
-            (out["loss"] / t.grad_accumulation).backward()
+            with self._gradient_sync(last_micro_step=micro_step == t.grad_accumulation - 1):
+                out = self._loss(images.to(self.device, non_blocking=True), labels.to(self.device))
+                (out["loss"] / t.grad_accumulation).backward()
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accumulation
         if self.world_size > 1:  # log the global batch's means, identical on every rank
@@ -285,22 +266,15 @@ class Trainer:
 
     @torch.no_grad()
     def write_samples(self, grid_paths: tuple[Path, ...]) -> None:
-        """A grid of generated images (EMA weights; one column per class for class-conditional models)."""
+        """A grid of generated images (EMA weights; one column per class for conditional models)."""
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(4321)
-        m = self.config.model
-        classes = m.num_classes or (10 if m.context_dim else 0)
-        labels = torch.arange(s.grid_images, device=self.device) % classes if classes else None
-        conditioning: dict[str, Any] = {"labels": labels if m.num_classes else None}
-        if m.context_dim:  # the first caption of each class, e.g. "a photo of a t-shirt"
-            first = self.caption_bank.offsets[labels.cpu()]
-            text = self.caption_bank.embedding[first]
-            conditioning.update(context=text.tokens.to(self.device), pooled=text.pooled.to(self.device))
+        conditioning, columns = self.conditioning.for_grid(s.grid_images)
         with self._autocast():
             images = model.sample(s.grid_images, s.latent_steps, s.decoder_steps, s.sampler, generator,
                                   guidance=s.guidance, guidance_interval=tuple(s.guidance_interval), **conditioning)
         for path in grid_paths:
-            save_grid(images.float(), path, columns=classes or None)
+            save_grid(images.float(), path, columns=columns)
 
     def _evaluate_and_draw(self) -> dict[str, float]:
         """Stage 1: metrics and ``reconstructions.png``; stage 2: ``samples.png``. Dated copies go to grids/."""
@@ -321,8 +295,8 @@ class Trainer:
     def _start_stage(self, stage: int) -> None:
         self.stage, self.stage_step = stage, 0
         if stage == 2:
-            # Stage 2 uses the stage-1 EMA weights of encoder and decoder, frozen from here on.
-            copy_weights(self.model, self.ema_model, STAGE_NETWORKS[1])
+            # Stage 2 uses the stage-1 EMA weights of the networks stage 1 trained, frozen from here on.
+            copy_weights(self.model, self.ema_model, parameter_prefixes(self.model.trained_networks(1)))
             self.frozen_bits_per_pixel = self.evaluate()["heldout_bits_per_pixel"]
         self._new_optimizer()
 
