@@ -14,6 +14,8 @@ from ul_fast.train.ema import make_ema_model
 
 from micro import micro_config
 
+U = torch.finfo(torch.float32).eps
+
 
 @pytest.fixture
 def model() -> UnifiedLatents:
@@ -51,8 +53,19 @@ def test_v_prediction_loss_is_the_eps_loss_of_the_converted_prediction():
     x_t, _ = ops.noise_inject(x, logsnr, seed)
     alpha, sigma = (c[:, None, None] for c in ops.alpha_sigma(logsnr))
     eps_hat = sigma * x_t + alpha * v
-    torch.testing.assert_close(ops.diffusion_loss(v, x, logsnr, rate, seed, "v"),
-                               ops.diffusion_loss(eps_hat, x, logsnr, rate, seed, "eps"), rtol=1e-5, atol=1e-5)
+    v_loss = ops.diffusion_loss(v, x, logsnr, rate, seed, "v").double()
+    eps_loss = ops.diffusion_loss(eps_hat, x, logsnr, rate, seed, "eps").double()
+    # Both sides compute ε̂ = σ·x_t + α·v in fp32, the v-loss with its backend's α, σ (≤ 2 ulp from
+    # ops.alpha_sigma's). With u = fp32 eps and m = |σ·x_t| + |α·v|: the α, σ differences give ≤ 2·u·m, each
+    # side's two products and sum ≤ 1.5·u·m, each side's r = ε − ε̂ one more rounding of u/2·|r|, so
+    # δ ≤ 5·u·m + u·|r|. Per example the loss ½·rate·Σr² then differs by ≤ ½·rate·Σ(2|r|δ + δ²), plus each
+    # side's rounding of its n squares and their n-term sum (any order: ≤ n·u·Σr²) and of the scale (2 roundings).
+    r = ops.gaussian_noise(x.shape, seed).double() - eps_hat.double()
+    delta = 5 * U * (sigma * x_t).double().abs() + 5 * U * (alpha * v).double().abs() + U * r.abs()
+    n = x[0].numel()
+    bound = (0.5 * rate.double() * (2 * r.abs() * delta + delta.square()).sum((1, 2))
+             + 2 * (n + 2) * U * eps_loss)
+    assert ((v_loss - eps_loss).abs() <= bound).all(), (v_loss - eps_loss, bound)
 
 
 def test_gradients_reach_the_encoder_from_both_terms(model):
@@ -62,7 +75,8 @@ def test_gradients_reach_the_encoder_from_both_terms(model):
     z_clean = model.encode(x)
     z_0 = model.noisy_latent(z_clean, generator=g)
     prior_term = model._diffusion_term(model.prior, z_clean, model.latent_schedule, g).mean()
-    decoder_term = model._diffusion_term(model.decoder, x, model.pixel_schedule, g, 3.0, 0.0, z_0=z_0).mean()
+    decoder_term = model._diffusion_term(model.decoder, x, model.pixel_schedule, g, loss_factor=3.0, bias=0.0,
+                                         z_0=z_0).mean()
     params = list(model.encoder.parameters())
     for term in (prior_term, decoder_term):
         grads = torch.autograd.grad(term, params, retain_graph=True)
@@ -140,8 +154,8 @@ def test_non_finite_pixels_are_rejected(model):
 
 @pytest.mark.parametrize("loss_factor", [0.0, -1.5])
 def test_non_positive_loss_factor_is_rejected(loss_factor):
-    with pytest.raises(ConfigError, match="loss_factor"):
-        micro_config(model={"loss_factor": loss_factor})
+    with pytest.raises(ConfigError, match="decoder_weighting.factor"):
+        micro_config(model={"decoder_weighting": {"factor": loss_factor, "bias": 0.0}})
     with pytest.raises(ValueError, match="loss_factor"):
         x = torch.zeros(2, 3)
         ops.diffusion_loss(x, x, torch.zeros(2), torch.ones(2), ops.draw_seed("cpu"), "eps", loss_factor, 0.0)
@@ -181,3 +195,14 @@ def test_text_conditioned_base_model_with_more_latent_tokens_than_text_tokens():
     out["loss"].backward()
     z = model.sample_latents(3, steps=2, context=context, pooled=pooled, guidance=2.0)
     assert z.shape == (3, *model.latent_shape)
+
+
+def test_decoder_weighting_reaches_the_decoder_loss():
+    """Doubling decoder_weighting.factor doubles the decoder's term and leaves the prior's alone."""
+    outs = []
+    for factor in (3.0, 6.0):
+        torch.manual_seed(0)
+        model = UnifiedLatents(micro_config(model={"decoder_weighting": {"factor": factor, "bias": 1.0}}).model)
+        outs.append(model.stage1_loss(images(4), generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(outs[1]["prior_nats"], outs[0]["prior_nats"], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1]["decoder_loss"], 2 * outs[0]["decoder_loss"])

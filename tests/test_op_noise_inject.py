@@ -1,8 +1,10 @@
-"""Fused noise injection (ul_fast._C) against the reference and the Philox spec.
+"""``noise_inject``: the C++/CUDA extension (``ul_fast.kernels.extension_ops``) against the reference and the
+Philox spec; properties every backend shares; the size checks of ``torch.ops.ul_fast.noise_inject``.
 
 Tolerances: the Philox integers are bitwise equal to the spec; normals differ from the torch reference
 only through log/sin/cos rounding (libm vs torch's vectorised math), so within a few ulp; z is then exactly
-``α·x + σ·ε`` (fp32, rounded once to the output dtype) given the kernel's own α, σ, ε.
+``α·x + σ·ε`` (fp32, rounded once to the output dtype) given the kernel's own α, σ, ε, and within the
+rounding bound of ``_assert_fp32_z_close`` of the reference's.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import pytest
 import torch
 from scipy import stats
 
+from ul_fast import ops
+from ul_fast.diffusion import per_example
+from ul_fast.kernels import extension_ops as extension
 from ul_fast.ops import reference
 from ul_fast.ops.philox import philox4x32, philox_normal
 
-compiled = pytest.importorskip("ul_fast.kernels.compiled")
-pytestmark = pytest.mark.skipif(not compiled.available(), reason="ul_fast._C not built")
+pytestmark = pytest.mark.skipif(not extension.available(), reason="ul_fast._C not built")
+# Every implementation of the op: the reference (the specification) and the extension's kernel.
+BACKENDS = [pytest.param(reference.noise_inject, id="reference"),
+            pytest.param(extension.noise_inject, id="extension")]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 5, 7), (4, 3, 17, 19), (2, 4099), (5, 1, 2, 3)]
@@ -27,6 +34,17 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a − b| in units of the fp32 spacing at |b|."""
     spacing = torch.nextafter(b.abs(), torch.tensor(float("inf"))) - b.abs()
     return (a - b).abs() / spacing
+
+
+def _assert_fp32_z_close(z: torch.Tensor, z_ref: torch.Tensor, x: torch.Tensor, logsnr: torch.Tensor,
+                         eps_ref: torch.Tensor) -> None:
+    """fp32 ``z = α·x + σ·ε`` of two backends, elementwise. Their ε differ by ≤ 4 ulp and their α, σ by
+    ≤ 2 ulp (the tests above; ulp ≤ u·|value|, u = fp32 eps), and each rounds two products and a sum
+    (≤ u/2 each): |Δz| ≤ (2 + 2)·u·|α·x| + (4 + 2 + 2)·u·|σ·ε| ≤ 8·u·(|α·x| + |σ·ε|)."""
+    alpha, sigma = (per_example(t, x) for t in reference.alpha_sigma(logsnr))
+    bound = 8 * torch.finfo(torch.float32).eps * ((alpha * x).abs() + (sigma * eps_ref.float()).abs())
+    excess = (z - z_ref).abs() - bound
+    assert excess.max() <= 0, f"|Δz| exceeds its bound by {excess.max().item():.3g}"
 
 
 def _inputs(shape, dtype, generator):
@@ -43,13 +61,13 @@ def test_philox_words_bitwise(seed, first):
     zeros = torch.zeros_like(groups)
     spec = torch.stack(philox4x32((groups & 0xFFFFFFFF, groups >> 32, zeros, zeros),
                                   (seed & 0xFFFFFFFF, seed >> 32)), dim=1)
-    assert torch.equal(compiled.philox_words(1500, seed, first), spec)
+    assert torch.equal(extension.philox_words(1500, seed, first), spec)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_philox_normals_within_few_ulp(seed):
     n = 100_003
-    kernel, spec = compiled.philox_normal(n, seed), philox_normal(n, seed)
+    kernel, spec = extension.philox_normal(n, seed), philox_normal(n, seed)
     assert kernel.shape == spec.shape == (n,)
     assert _ulps(kernel, spec).max() <= 4  # measured max 3 (libm vs torch sin/cos/log)
     assert (kernel == spec).float().mean() > 0.5
@@ -60,16 +78,17 @@ def test_philox_normals_within_few_ulp(seed):
 def test_noise_inject_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
     x, logsnr, seed = _inputs(shape, dtype, gen)
-    z, eps = compiled.noise_inject(x, logsnr, seed, True)
+    z, eps = extension.noise_inject(x, logsnr, seed, True)
     z_ref, eps_ref = reference.noise_inject(x, logsnr, seed, True)
     assert z.dtype == eps.dtype == dtype and z.shape == eps.shape == x.shape
-    # fp32: a few ulp of ε (≤ 4 ulp at |ε| ≤ 6 is < 2e-6, scaled by σ ≤ 1); 16-bit: the fp32 values differ
-    # by that much, which can flip the final rounding by one step of the dtype.
-    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(
-        rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 0.5)
-    torch.testing.assert_close(z, z_ref, **tol)
-    torch.testing.assert_close(eps, eps_ref, **tol)
-    z_only, none = compiled.noise_inject(x, logsnr, seed, False)
+    if dtype == torch.float32:
+        _assert_fp32_z_close(z, z_ref, x, logsnr, eps_ref)
+        assert _ulps(eps, eps_ref).max() <= 4
+    else:  # the fp32 values differ by a few ulp, which can flip the final rounding by one step of the dtype
+        tol = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 0.5)
+        torch.testing.assert_close(z, z_ref, **tol)
+        torch.testing.assert_close(eps, eps_ref, **tol)
+    z_only, none = extension.noise_inject(x, logsnr, seed, False)
     assert none is None and torch.equal(z_only, z)
 
 
@@ -78,9 +97,9 @@ def test_z_is_exactly_the_formula_given_own_eps(dtype):
     gen = torch.Generator().manual_seed(11)
     x, logsnr, seed = _inputs((64, 3, 11, 13), dtype, gen)
     logsnr[:4] = torch.tensor([-30.0, 30.0, 0.0, -0.0])
-    z, _ = compiled.noise_inject(x, logsnr, seed, False)
-    eps = compiled.philox_normal(x.numel(), seed).reshape(x.shape)
-    alpha, sigma = compiled.alpha_sigma(logsnr)
+    z, _ = extension.noise_inject(x, logsnr, seed, False)
+    eps = extension.philox_normal(x.numel(), seed).reshape(x.shape)
+    alpha, sigma = extension.alpha_sigma(logsnr)
     alpha_ref, sigma_ref = reference.alpha_sigma(logsnr)
     assert _ulps(alpha, alpha_ref).max() <= 2 and _ulps(sigma, sigma_ref).max() <= 2
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -91,15 +110,15 @@ def test_z_is_exactly_the_formula_given_own_eps(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_returned_eps_is_the_rounded_stream(dtype):
     x, logsnr, seed = _inputs((3, 1001), dtype, torch.Generator().manual_seed(3))
-    _, eps = compiled.noise_inject(x, logsnr, seed, True)
-    assert torch.equal(eps, compiled.philox_normal(x.numel(), seed).reshape(x.shape).to(dtype))
+    _, eps = extension.noise_inject(x, logsnr, seed, True)
+    assert torch.equal(eps, extension.philox_normal(x.numel(), seed).reshape(x.shape).to(dtype))
 
 
 def test_eps_statistics():
     n_examples, per_example = 64, 8192
     x = torch.zeros(n_examples, per_example)
     logsnr = torch.full((n_examples,), -60.0)  # σ = 1 exactly in fp32, α ≈ 1e-13
-    _, eps = compiled.noise_inject(x, logsnr, torch.tensor([20240917]), True)
+    _, eps = extension.noise_inject(x, logsnr, torch.tensor([20240917]), True)
     flat = eps.double().reshape(-1)
     n = flat.numel()
     assert abs(flat.mean().item()) < 5 / n**0.5
@@ -117,26 +136,25 @@ def test_eps_statistics():
     assert abs(corr(flat[:-1] ** 2, flat[1:] ** 2)) < bound * 3  # Box–Muller pairs: independent radii
 
 
-def test_determinism_and_seed_sensitivity():
+@pytest.mark.parametrize("noise_inject", BACKENDS)
+def test_determinism_and_seed_sensitivity(noise_inject):
     x, logsnr, seed = _inputs((7, 3, 33, 35), torch.float32, torch.Generator().manual_seed(5))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        z1, e1 = compiled.noise_inject(x, logsnr, seed, True)
+        z1, e1 = noise_inject(x, logsnr, seed, True)
         torch.set_num_threads(max(2, threads))
-        z2, e2 = compiled.noise_inject(x, logsnr, seed, True)
+        z2, e2 = noise_inject(x, logsnr, seed, True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(z1, z2) and torch.equal(e1, e2)
-    z3, e3 = compiled.noise_inject(x, logsnr, seed + 1, True)
+    z3, e3 = noise_inject(x, logsnr, seed + 1, True)
     assert (e3 != e1).float().mean() > 0.99
     # torch.manual_seed reproduces the seed draw and hence the noise.
-    from ul_fast.ops import draw_seed
-
     torch.manual_seed(123)
-    a = compiled.noise_inject(x, logsnr, draw_seed("cpu"), True)[1]
+    a = noise_inject(x, logsnr, ops.draw_seed("cpu"), True)[1]
     torch.manual_seed(123)
-    b = compiled.noise_inject(x, logsnr, draw_seed("cpu"), True)[1]
+    b = noise_inject(x, logsnr, ops.draw_seed("cpu"), True)[1]
     assert torch.equal(a, b)
 
 
@@ -146,42 +164,72 @@ def test_backward_is_alpha_times_grad(dtype):
     x.requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     grad = torch.randn(x.shape).to(dtype)
-    (dx,) = torch.autograd.grad(compiled.noise_inject(x, logsnr, seed, True)[0], x, grad)
+    (dx,) = torch.autograd.grad(extension.noise_inject(x, logsnr, seed, True)[0], x, grad)
     (dx_ref,) = torch.autograd.grad(reference.noise_inject(x_ref, logsnr, seed)[0], x_ref, grad)
     assert dx.dtype == dtype
-    alpha, _ = compiled.alpha_sigma(logsnr)
+    alpha, _ = extension.alpha_sigma(logsnr)
     assert torch.equal(dx, (alpha[:, None, None] * grad.float()).to(dtype))
     torch.testing.assert_close(dx, dx_ref, rtol=torch.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")
-def test_gradcheck():
+@pytest.mark.parametrize("noise_inject", BACKENDS)
+def test_gradcheck(noise_inject):
     x, logsnr, seed = _inputs((3, 4, 5), torch.float32, torch.Generator().manual_seed(9))
     x.requires_grad_(True)
-    fn = lambda t: compiled.noise_inject(t, logsnr, seed, False)[0]  # noqa: E731
+    fn = lambda t: noise_inject(t, logsnr, seed, False)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-2, atol=1e-3, rtol=1e-3)
 
 
 def test_non_contiguous_input_is_made_contiguous():
     x, logsnr, seed = _inputs((6, 5, 8), torch.float32, torch.Generator().manual_seed(4))
     xt = x.transpose(1, 2)
-    z, eps = compiled.noise_inject(xt, logsnr, seed, True)
-    z_ref, _ = reference.noise_inject(xt.contiguous(), logsnr, seed, True)
-    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=2e-6)
+    z, eps = extension.noise_inject(xt, logsnr, seed, True)
+    z_ref, eps_ref = reference.noise_inject(xt.contiguous(), logsnr, seed, True)
+    _assert_fp32_z_close(z, z_ref, xt, logsnr, eps_ref)
     assert z.is_contiguous()
 
 
-def test_bad_input_errors():
+@pytest.mark.parametrize("noise_inject", [pytest.param(ops.noise_inject, id="public"),
+                                          pytest.param(extension.noise_inject, id="extension")])
+def test_bad_input_errors(noise_inject):
+    """The public op checks its arguments; the extension's op still refuses what it cannot read safely."""
     x = torch.randn(2, 3)
     with pytest.raises(TypeError, match="x must be float32"):
-        compiled.noise_inject(x.double(), torch.zeros(2), torch.tensor([1]))
+        noise_inject(x.double(), torch.zeros(2), torch.tensor([1]))
     with pytest.raises(ValueError, match="seed must be an int64"):
-        compiled.noise_inject(x, torch.zeros(2), torch.tensor([1.0]))
+        noise_inject(x, torch.zeros(2), torch.tensor([1.0]))
 
 
-def test_empty_example_dims():
-    z, eps = compiled.noise_inject(torch.zeros(3, 0), torch.zeros(3), torch.tensor([1]), True)
+@pytest.mark.parametrize("case", ["short logsnr", "long logsnr", "empty seed", "int32 seed", "scalar x",
+                                  "backward: short logsnr"])
+def test_custom_op_checks_the_sizes_it_reads(case):
+    """Called directly (no ul_fast.ops checks in front), the custom ops raise instead of reading out of bounds."""
+    x, logsnr, seed = torch.randn(4, 3), torch.zeros(4), torch.tensor([1])
+    calls = {
+        "short logsnr": lambda: torch.ops.ul_fast.noise_inject(x, logsnr[:2], seed, True),
+        "long logsnr": lambda: torch.ops.ul_fast.noise_inject(x, torch.zeros(5), seed, True),
+        "empty seed": lambda: torch.ops.ul_fast.noise_inject(x, logsnr, seed[:0], True),
+        "int32 seed": lambda: torch.ops.ul_fast.noise_inject(x, logsnr, seed.int(), True),
+        "scalar x": lambda: torch.ops.ul_fast.noise_inject(torch.tensor(1.0), logsnr, seed, True),
+        "backward: short logsnr": lambda: torch.ops.ul_fast.noise_inject_backward(x, logsnr[:3]),
+    }
+    with pytest.raises(ValueError, match="logsnr must have shape|seed must be an int64|leading batch"):
+        calls[case]()
+
+
+@pytest.mark.parametrize("noise_inject", BACKENDS)
+def test_empty_example_dims(noise_inject):
+    z, eps = noise_inject(torch.zeros(3, 0), torch.zeros(3), torch.tensor([1]), True)
     assert z.shape == eps.shape == (3, 0)
+
+
+@pytest.mark.parametrize("return_noise", [True, False])
+def test_opcheck_noise(return_noise):
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    logsnr, seed = torch.randn(3) * 3, torch.tensor([42])
+    torch.library.opcheck(torch.ops.ul_fast.noise_inject.default, (x, logsnr, seed, return_noise))
+    torch.library.opcheck(torch.ops.ul_fast.noise_inject_backward.default, (torch.randn(3, 4, 5), logsnr))
 
 
 # ---- GPU (run by benchmarks/gpu_check.sh) -----------------------------------------------------------
@@ -192,28 +240,28 @@ def test_empty_example_dims():
 def test_cuda_noise_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(21)
     x, logsnr, seed = (t.cuda() for t in _inputs(shape, dtype, gen))
-    z, eps = compiled.noise_inject(x, logsnr, seed, True)
+    z, eps = extension.noise_inject(x, logsnr, seed, True)
     z_ref, eps_ref = reference.noise_inject(x, logsnr, seed, True)
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(
         rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 0.5)
     torch.testing.assert_close(z, z_ref, **tol)
     torch.testing.assert_close(eps, eps_ref, **tol)
     # Exact formula given the kernel's own α, σ, ε.
-    alpha, sigma = compiled.alpha_sigma(logsnr)
-    own = compiled.philox_normal(x.numel(), seed).reshape(x.shape)
+    alpha, sigma = extension.alpha_sigma(logsnr)
+    own = extension.philox_normal(x.numel(), seed).reshape(x.shape)
     view = (-1,) + (1,) * (x.dim() - 1)
     assert torch.equal(z, (alpha.reshape(view) * x.float() + sigma.reshape(view) * own).to(dtype))
     # Misaligned storage takes the scalar path and must agree too.
     x_off = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape).copy_(x)
-    assert torch.equal(compiled.noise_inject(x_off, logsnr, seed, True)[0], z)
+    assert torch.equal(extension.noise_inject(x_off, logsnr, seed, True)[0], z)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cuda_cpu_eps_parity(seed):
     n = 1_000_003
-    on_cuda = compiled.philox_normal(n, torch.tensor([seed], device="cuda")).cpu()
-    on_cpu = compiled.philox_normal(n, seed)
+    on_cuda = extension.philox_normal(n, torch.tensor([seed], device="cuda")).cpu()
+    on_cpu = extension.philox_normal(n, seed)
     assert _ulps(on_cuda, on_cpu).max() <= 4
     assert (on_cuda == on_cpu).float().mean() > 0.5
 
@@ -223,28 +271,26 @@ def test_cuda_backward_and_graph_replay():
     x, logsnr, seed = (t.cuda() for t in _inputs((16, 4, 32, 32), torch.bfloat16, torch.Generator().manual_seed(2)))
     x.requires_grad_(True)
     grad = torch.randn_like(x)
-    (dx,) = torch.autograd.grad(compiled.noise_inject(x, logsnr, seed)[0], x, grad)
-    alpha, _ = compiled.alpha_sigma(logsnr)
+    (dx,) = torch.autograd.grad(extension.noise_inject(x, logsnr, seed)[0], x, grad)
+    alpha, _ = extension.alpha_sigma(logsnr)
     assert torch.equal(dx, (alpha[:, None, None, None] * grad.float()).to(x.dtype))
 
-    from ul_fast.ops import draw_seed
-
     x = x.detach()
-    static_seed = draw_seed("cuda")
+    static_seed = ops.draw_seed("cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        compiled.noise_inject(x, logsnr, static_seed, True)  # warm-up outside capture
+        extension.noise_inject(x, logsnr, static_seed, True)  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_seed.copy_(draw_seed("cuda"))
-        z_graph, eps_graph = compiled.noise_inject(x, logsnr, static_seed, True)
+        static_seed.copy_(ops.draw_seed("cuda"))
+        z_graph, eps_graph = extension.noise_inject(x, logsnr, static_seed, True)
     outputs = []
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        z_eager, eps_eager = compiled.noise_inject(x, logsnr, static_seed, True)
+        z_eager, eps_eager = extension.noise_inject(x, logsnr, static_seed, True)
         assert torch.equal(z_graph, z_eager) and torch.equal(eps_graph, eps_eager)
         outputs.append(eps_graph.clone())
     assert not torch.equal(outputs[0], outputs[1])  # a fresh seed is drawn inside the graph each replay
