@@ -1,11 +1,26 @@
 """Run configuration: dataclasses, loaded from YAML (shipped presets or a user's file) with
 ``a.b=value`` overrides, strictly validated (unknown keys and bad values are errors that name the key).
+
+A YAML file may start from a preset or another file with a top-level ``extends`` key, and set only what
+differs::
+
+    extends: tiny            # a preset name, or a YAML path relative to this file
+    train: {stage1_steps: 500}
+
+The file it names is read first (itself possibly extending another; a cycle is an error), then this
+file's keys are merged over it: sections merge key by key, any other value (lists too) replaces the
+inherited one. Without ``extends`` the unset keys keep the dataclass defaults below, which are the paper's
+ImageNet-512 networks (720 M parameters). A run folder's ``config.yaml`` is saved fully resolved.
+
+Everything the configuration alone decides is checked by :func:`validate` when it is loaded; what needs the
+data or the machine (labels, image size, CUDA) is checked by ``ul_fast.train.preflight`` before training.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -103,6 +118,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
+    # auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.
     device: str = "auto"
     batch_size: int = 64
     stage1_steps: int = 2000
@@ -111,6 +127,7 @@ class TrainConfig:
     base_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    # Maximum global gradient norm (> 0); .inf turns clipping off.
     grad_clip: float = 1.0
     grad_accumulation: int = 1
     ema_decay: float = 0.999
@@ -139,6 +156,7 @@ class SampleConfig:
     sampler: str = "ddim"
     latent_steps: int = 32
     decoder_steps: int = 32
+    # Classifier-free guidance scale w >= 0: 1 = none, 0 = unconditional.
     guidance: float = 1.0
     guidance_interval: list[float] = field(default_factory=lambda: [-15.0, 15.0])
     grid_images: int = 64
@@ -216,24 +234,6 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ul_fast.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-    else:
-        resource = resources.files("ul_fast.configs") / f"{name_or_path}.yaml"
-        if not resource.is_file():
-            raise ConfigError(f"unknown config {name_or_path!r}: not a file, and not a preset "
-                              f"({', '.join(preset_names())})")
-        text = resource.read_text()
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {name_or_path}: the top level must be a mapping")
-    return data
-
-
 DEPRECATED_KEYS = {"model.loss_factor": "model.decoder_weighting.factor", "model.bias": "model.decoder_weighting.bias"}
 """Old key → new key. Old keys are still read, with a FutureWarning, in YAML files and dicts (run folders
 saved before the rename) and in overrides (where an old key sets its new key). A file or dict that gives
@@ -278,6 +278,67 @@ def _rename_deprecated_keys(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """Parse YAML ``text`` whose top level must be a mapping; a syntax error names ``where`` and the line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: {_yaml_problem(error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``invalid YAML at line L, column C: <problem>`` (1-based), from a PyYAML error."""
+    mark = getattr(error, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"invalid YAML{at}: {getattr(error, 'problem', None) or error}"
+
+
+def _find_yaml(name_or_path: str, folder: Path | None) -> tuple[str, Path | None, str]:
+    """``(source, its folder, text)`` of a YAML path (relative to ``folder`` when given, else to the working
+    directory) or a preset name; ``source`` is the resolved path or ``preset NAME``."""
+    path = Path(name_or_path)
+    if folder is not None and not path.is_absolute():
+        path = folder / path
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return str(path.resolve()), path.resolve().parent, path.read_text()
+    resource = resources.files("ul_fast.configs") / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        raise ConfigError(f"unknown config {name_or_path!r}: not a file, and not a preset "
+                          f"({', '.join(preset_names())})")
+    return f"preset {name_or_path}", None, resource.read_text()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: sections (mappings) key by key, any other value replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        inherited = merged.get(key)
+        merged[key] = _merge(inherited, value) if isinstance(value, dict) and isinstance(inherited, dict) else value
+    return merged
+
+
+def _read_yaml(name_or_path: str, folder: Path | None = None, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping of a preset or YAML file, its ``extends`` chain resolved (see the module docstring) and
+    deprecated keys renamed in every file of it. ``chain``: the files that led here, for the cycle check."""
+    source, own_folder, text = _find_yaml(name_or_path, folder)
+    if source in chain:
+        raise ConfigError(f"config {chain[0]}: extends makes a cycle: {' -> '.join((*chain, source))}")
+    data = _rename_deprecated_keys(_yaml_mapping(text, f"config {source}"))
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"config {source}: extends must be a preset name or a YAML path, got {parent!r}")
+    return _merge(_read_yaml(parent, own_folder, (*chain, source)), data)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place; an old key sets its new key."""
     if "=" not in assignment:
@@ -287,12 +348,17 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if key in DEPRECATED_KEYS:
         key = _warn_deprecated(key)
     *parents, name = key.split(".")
-    _section(data, parents, f"override {key}")[name] = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {assignment!r}: the value of {key} is {_yaml_problem(error)}") from None
+    _section(data, parents, f"override {key}")[name] = value
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
-    """A preset name (``tiny``, ``fmnist``, …) or a YAML path, then ``overrides``; validated."""
-    data = _rename_deprecated_keys(_read_yaml(name_or_path))
+    """A preset name (``tiny``, ``fmnist``, …) or a YAML path (its ``extends`` chain resolved), then
+    ``overrides``; validated."""
+    data = _read_yaml(name_or_path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     return config_from_dict(data)
@@ -313,7 +379,14 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(config: Config) -> None:
-    m, t, s = config.model, config.train, config.sample
+    """Raise :class:`ConfigError`, naming the key, at the first value out of range or inconsistent."""
+    _validate_model(config.model, config.train)
+    _validate_networks(config.model)
+    _validate_train(config.train)
+    _validate_sample(config.sample)
+
+
+def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.decoder_weighting.factor > 0,
              f"model.decoder_weighting.factor must be > 0, got {m.decoder_weighting.factor}")
     _require(m.image_channels in (1, 3), f"model.image_channels must be 1 or 3, got {m.image_channels}")
@@ -332,38 +405,87 @@ def validate(config: Config) -> None:
     _require(m.mode in MODES, f"model.mode must be one of {MODES}, got {m.mode!r}")
     _require(m.mode == TWO_STAGE or t.stage2_steps == 0,
              "model.mode single_stage trains the base model in stage 1: set train.stage2_steps to 0")
+
+
+def _validate_networks(m: ModelConfig) -> None:
+    """The sizes the four networks check when built, with the config key in the message (patch and
+    head_dim first, as later checks divide by them)."""
     for name in ("encoder", "prior", "decoder", "base"):
         _require(getattr(m, name).patch >= 1, f"model.{name}.patch must be >= 1, got {getattr(m, name).patch}")
     for name in ("prior", "decoder", "base"):
-        _require(getattr(m, name).head_dim >= 1, f"model.{name}.head_dim must be >= 1")
+        net = getattr(m, name)
+        _require(net.head_dim >= 1, f"model.{name}.head_dim must be >= 1")
+        _require(net.mlp_ratio > 0, f"model.{name}.mlp_ratio must be > 0, got {net.mlp_ratio}")
+        _require(0 <= net.dropout < 1, f"model.{name}.dropout must be in [0, 1), got {net.dropout}")
     _require(len(m.encoder.channels) == len(m.encoder.blocks_per_stage) and len(m.encoder.channels) > 0,
              "model.encoder.channels and blocks_per_stage must be non-empty and of the same length")
+    _require(all(c > 0 for c in m.encoder.channels) and all(b >= 0 for b in m.encoder.blocks_per_stage),
+             "model.encoder.channels must be > 0 and blocks_per_stage >= 0")
     factor = m.encoder.patch * 2 ** (len(m.encoder.channels) - 1)
     _require(m.image_size % factor == 0,
              f"model.image_size {m.image_size} must be divisible by the encoder's downsampling factor {factor}")
+    latent_grid = m.image_size // factor
     for name in ("prior", "base"):
         vit = getattr(m, name)
         _require(len(vit.widths) == len(vit.depths) and len(vit.widths) > 0,
                  f"model.{name}.widths and depths must be non-empty and of the same length")
+        _require(all(w > 0 for w in vit.widths) and all(d >= 0 for d in vit.depths),
+                 f"model.{name}.widths must be > 0 and depths >= 0")
         _require(all(w % vit.head_dim == 0 for w in vit.widths),
                  f"model.{name}.widths must be multiples of head_dim {vit.head_dim}")
-    _require(len(m.decoder.conv_channels) > 0, "model.decoder.conv_channels must be non-empty")
-    _require(m.decoder.width % m.decoder.head_dim == 0,
-             f"model.decoder.width {m.decoder.width} must be a multiple of head_dim {m.decoder.head_dim}")
-    dec_factor = m.decoder.patch * 2 ** len(m.decoder.conv_channels)
+        _require(vit.widths[0] % 4 == 0, f"model.{name}.widths[0] must be a multiple of 4 (2-D sin-cos positions)")
+        _require(all(d % 2 == 0 for d in vit.depths[:-1]),
+                 f"model.{name}.depths must be even but for the last level (half down, half up)")
+        _require(latent_grid % vit.patch == 0,
+                 f"model.{name}.patch {vit.patch} must divide the latent grid {latent_grid} "
+                 f"(model.image_size / the encoder's downsampling factor {factor})")
+        levels = len(vit.widths)
+        _require((latent_grid // vit.patch) % 2 ** (levels - 1) == 0,
+                 f"model.{name}: its token grid {latent_grid // vit.patch} cannot be halved {levels - 1} time(s) "
+                 f"for the {levels} levels of widths: use fewer levels or a smaller patch")
+    d = m.decoder
+    _require(len(d.conv_channels) > 0, "model.decoder.conv_channels must be non-empty")
+    _require(all(c > 0 for c in d.conv_channels) and d.blocks_per_stage >= 0 and d.depth >= 0,
+             "model.decoder.conv_channels must be > 0, blocks_per_stage and depth >= 0")
+    _require(d.width > 0 and d.width % 4 == 0,
+             f"model.decoder.width must be a positive multiple of 4, got {d.width}")
+    _require(d.width % d.head_dim == 0, f"model.decoder.width {d.width} must be a multiple of head_dim {d.head_dim}")
+    dec_factor = d.patch * 2 ** len(d.conv_channels)
     _require(m.image_size % dec_factor == 0,
              f"model.image_size {m.image_size} must be divisible by the decoder's patch·2^stages = {dec_factor}")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+"""Accepted spellings of ``train.device`` (and ``ul-fast sample --device``)."""
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _require(DEVICE_PATTERN.fullmatch(t.device) is not None,
+             f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     _require(t.batch_size > 0 and t.grad_accumulation > 0, "train.batch_size and grad_accumulation must be > 0")
     _require(t.stage1_steps >= 0 and t.stage2_steps >= 0, "train.stage1_steps and stage2_steps must be >= 0")
+    _require(t.stage1_steps + t.stage2_steps > 0, "train.stage1_steps and stage2_steps are both 0: nothing to train")
     _require(t.lr > 0 and t.base_lr > 0, "train.lr and train.base_lr must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.grad_clip > 0, f"train.grad_clip must be > 0 (.inf: no clipping), got {t.grad_clip}")
     _require(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     _require(t.keep_last >= 1, "train.keep_last must be >= 1")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     _require(t.stage1_steps > 0 or not t.stage2_steps or t.init_from is not None,
              "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
     _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
              "train.log_every, eval_every and checkpoint_every must be > 0")
+    _require(t.eval_images > 0, f"train.eval_images must be > 0, got {t.eval_images}")
+
+
+def _validate_sample(s: SampleConfig) -> None:
     _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
-    _require(len(s.guidance_interval) == 2, "sample.guidance_interval must be [min_logsnr, max_logsnr]")
+    _require(s.grid_images > 0, f"sample.grid_images must be > 0, got {s.grid_images}")
+    _require(s.guidance >= 0, f"sample.guidance must be >= 0 (1: no guidance, 0: unconditional), got {s.guidance}")
+    _require(len(s.guidance_interval) == 2 and s.guidance_interval[0] <= s.guidance_interval[1],
+             "sample.guidance_interval must be [min_logsnr, max_logsnr]")

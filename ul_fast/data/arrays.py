@@ -28,9 +28,13 @@ import torch
 
 from .dataset import ImageArrayDataset, uint8_to_float
 
-__all__ = ["LAYOUTS", "detect_layout", "array_to_dataset", "load_array"]
+__all__ = ["LAYOUTS", "DtypeError", "detect_layout", "array_to_dataset", "load_array"]
 
 LAYOUTS = ("NHW", "NHWC", "NCHW")
+
+
+class DtypeError(TypeError):
+    """Pixels or labels of a dtype ul_fast does not read (the command line reports it as a user error)."""
 
 
 def detect_layout(shape: tuple[int, ...], name: str = "array") -> str:
@@ -87,8 +91,10 @@ def array_to_dataset(
                           f"data in [0, 1] should be rescaled by 2x - 1", stacklevel=2)
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     else:
-        raise TypeError(f"{name}: pixels must be uint8 [0, 255] or float in [-1, 1], "
-                        f"got dtype {images.dtype}")
+        hint = " (values 0..255: store them as uint8, e.g. images.astype(np.uint8))" if np.issubdtype(
+            images.dtype, np.integer) else ""
+        raise DtypeError(f"{name}: pixels must be uint8 [0, 255] or floating point in [-1, 1], "
+                         f"got dtype {images.dtype}{hint}")
 
     if layout == "NHW":
         x = x.unsqueeze(1)
@@ -111,7 +117,7 @@ def array_to_dataset(
         if labels.shape != (n,):
             raise ValueError(f"{name}: labels must have shape [N]=({n},), got {labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"{name}: labels must be integers, got dtype {labels.dtype}")
+            raise DtypeError(f"{name}: labels must be integers, got dtype {labels.dtype}")
         if n and int(labels.min()) < 0:
             raise ValueError(f"{name}: labels must be >= 0, got {int(labels.min())}")
         y = torch.from_numpy(labels.astype(np.int64))

@@ -1,0 +1,88 @@
+"""Checks of a run's inputs that need the loaded data: done before the first step, so a mismatch between
+data and model is one error naming the key, not a crash in stage 2 after stage 1 has trained.
+
+What the configuration alone decides is checked by :func:`ul_fast.config.validate` when it is loaded; this
+module checks what it cannot know: the data's image size, channels, labels and size, and the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ul_fast.config import Config, ConfigError
+from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset
+from ul_fast.model import UnifiedLatents
+
+__all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "parameter_count"]
+
+LARGE_MODEL_PARAMETERS = 100_000_000
+"""Networks above this many parameters (all four together) are "paper-size" for the warning below: the
+paper's ImageNet-512 networks (the dataclass defaults) have 720 M; the shipped fmnist preset has 58 M."""
+SMALL_DATA_IMAGES = 100_000
+"""A training set with fewer images than this (or images of at most 64 pixels) is a small data set."""
+
+
+def check_device(name: str, key: str = "train.device") -> None:
+    """Raise :class:`ConfigError` naming ``key`` when device ``name`` asks for CUDA on a machine without it.
+
+    (The spelling of ``name`` is checked with the configuration; availability depends on the machine, so a
+    run folder trained on a GPU still loads, e.g. to sample on a CPU.)"""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key} is {name!r} but CUDA is not available here: use auto or cpu")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"{key} is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def parameter_count(config: Config) -> int:
+    """Parameters of the four networks ``config.model`` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = UnifiedLatents(config.model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_images(config: Config, data: ImageArrayDataset, split: str) -> None:
+    m = config.model
+    where = f"data.dataset {config.data.dataset!r} ({split} split)"
+    if data.image_size != m.image_size:
+        raise ConfigError(f"model.image_size is {m.image_size} but {where} has {data.image_size}x{data.image_size} "
+                          f"images")
+    if data.channels != m.image_channels:
+        raise ConfigError(f"model.image_channels is {m.image_channels} but {where} has {data.channels}-channel "
+                          f"images")
+
+
+def _check_labels(config: Config, data: ImageArrayDataset, split: str) -> None:
+    m = config.model
+    where = f"data.dataset {config.data.dataset!r} ({split} split)"
+    if m.num_classes and data.labels is None:
+        raise ConfigError(f"model.num_classes is {m.num_classes} (class-conditional) but {where} has no labels: "
+                          f"set model.num_classes: 0 for an unconditional model, or use labelled data "
+                          f"(class sub-folders, or labels in the .npz)")
+    if m.num_classes and int(data.labels.max()) >= m.num_classes:
+        raise ConfigError(f"model.num_classes is {m.num_classes} but {where} has label {int(data.labels.max())} "
+                          f"({data.num_classes} classes): set model.num_classes: {data.num_classes}")
+    if m.context_dim and (data.labels is None or data.num_classes != len(FASHION_MNIST_CLASSES)):
+        raise ConfigError(f"model.context_dim is set (a text model) but {where} is not labelled Fashion-MNIST: "
+                          f"text conditioning trains on captions per Fashion-MNIST class (data.dataset "
+                          f"fmnist-embedded or fmnist), or set model.context_dim: null")
+
+
+def check_run_inputs(config: Config, train_data: ImageArrayDataset, test_data: ImageArrayDataset) -> None:
+    """Check the loaded data fits ``config`` and the device exists; raise :class:`ConfigError` naming the key.
+
+    Also warns (``UserWarning``, one line) when a small data set is about to train paper-size networks,
+    usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``)."""
+    check_device(config.train.device)
+    for split, data in (("train", train_data), ("test", test_data)):
+        _check_images(config, data, split)
+        _check_labels(config, data, split)
+    small = len(train_data) < SMALL_DATA_IMAGES or config.model.image_size <= 64
+    if small and (count := parameter_count(config)) > LARGE_MODEL_PARAMETERS:
+        warnings.warn(f"{count / 1e6:.0f} M parameters for {len(train_data)} training images of "
+                      f"{config.model.image_size}x{config.model.image_size}: these are paper-size networks "
+                      f"(the defaults); start the YAML with 'extends: tiny' (or fmnist) for small ones",
+                      UserWarning, stacklevel=2)
