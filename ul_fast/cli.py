@@ -1,4 +1,9 @@
-"""``ul-fast`` command line: train, sample, plot, info."""
+"""``ul-fast`` command line: train, sample, plot, info.
+
+A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
+and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
+instead. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,23 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+import yaml
+from PIL import Image
 
+from ul_fast.config import DEVICE_PATTERN, preset_names
 from ul_fast.sampling import SAMPLERS
 
 
 def _train(args: argparse.Namespace) -> None:
     from ul_fast.config import load_config
-    from ul_fast.train import Trainer
+    from ul_fast.train import Trainer, TrainingAborted, TrainingInterrupted
+    from ul_fast.train.resume_policy import check_resume_changes, config_changes
+    from ul_fast.train.run_folder import check_new_run
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world_size = 0, 1
@@ -28,23 +40,57 @@ def _train(args: argparse.Namespace) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if args.resume:
+        if args.overwrite:
+            raise ValueError("ul-fast train: --overwrite replaces a run with a new one; it does not go with --resume")
         run_dir = Path(args.resume)
         config = load_config(str(run_dir / "config.yaml"), args.set)
+        # Refused before any work; the trainer checks again against the checkpoint's own config.
+        check_resume_changes(config_changes(load_config(str(run_dir / "config.yaml")).to_dict(), config.to_dict()))
     else:
         if not args.out:
             raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
         run_dir = Path(args.out)
+        check_new_run(run_dir, args.overwrite)
         config = load_config(args.config, args.set)
     if distributed and torch.cuda.is_available() and config.train.device == "auto":
         config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if args.no_progress:
         config.train.progress = False
-    trainer = Trainer(config, run_dir, rank, world_size)
-    trainer.fit(resume=bool(args.resume))
+    try:
+        trainer = Trainer(config, run_dir, rank, world_size)
+        trainer.fit(resume=bool(args.resume), overwrite=args.overwrite)
+    except (TrainingInterrupted, TrainingAborted) as stop:  # exit status 128 + signal: 130 SIGINT, 143 SIGTERM
+        if rank == 0:
+            print(f"ul-fast: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"run written to {run_dir}")
-    if distributed:
-        torch.distributed.destroy_process_group()
+
+
+def _base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> bool:
+    """Whether the base model of a run has trained: in single_stage mode stage 1 trains it; in two_stage mode
+    once the run's newest readable checkpoint is in stage 2, or the run it was initialised from had one."""
+    from ul_fast.config import SINGLE_STAGE, ConfigError, load_config
+    from ul_fast.train.checkpoint import CheckpointError, CheckpointWarning, load_state, newest_readable_checkpoint
+
+    config = load_config(str(Path(run_dir) / "config.yaml"))
+    if config.model.mode == SINGLE_STAGE:
+        return True
+    with warnings.catch_warnings():  # a skipped checkpoint was already reported when the weights were read
+        warnings.simplefilter("ignore", CheckpointWarning)
+        _, state = newest_readable_checkpoint(run_dir, load_state)
+    if state["stage"] == 2 and state["stage_step"] > 0:
+        return True
+    if config.train.init_from is None:
+        return False
+    source = Path(config.train.init_from).resolve()
+    try:  # a stage-1 run initialised from another run has that run's base model
+        return source not in seen and _base_model_trained(source, (*seen, Path(run_dir).resolve()))
+    except (CheckpointError, ConfigError):  # that run is gone: trust the weights, as before this check
+        return True
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -52,17 +98,27 @@ def _sample(args: argparse.Namespace) -> None:
     from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
     from ul_fast.train import load_trained_model
+    from ul_fast.train.preflight import check_device
 
+    check_device(args.device, "--device")
     device = resolve_device(args.device)
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
-    if args.prompt is not None and not m.context_dim:
-        raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
-    if args.prompt is None and m.context_dim:
-        raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker'")
-    if args.label is not None and not 0 <= args.label < m.num_classes:
-        raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
-    conditioning, columns = Conditioning(m, device).for_request(args.n, args.prompt, args.label)
+    if _base_model_trained(args.run):
+        if args.prompt is not None and not m.context_dim:
+            raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
+        if args.prompt is None and m.context_dim:
+            raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker'")
+        if args.label is not None and not 0 <= args.label < m.num_classes:
+            raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
+        conditioning, columns = Conditioning(m, device).for_request(args.n, args.prompt, args.label)
+    else:  # the latents of the stage-1 prior decode to images too: better than the noise of an untrained base
+        if args.prompt is not None or args.label is not None:
+            raise ValueError(f"{args.run} has no trained base model (stage 2 has not run), and its stage-1 prior is "
+                             f"unconditional: drop --label and --prompt to sample from the prior")
+        print(f"ul-fast: note: {args.run} has no trained base model (stage 2 has not run): sampling from its "
+              f"stage-1 prior, unconditionally", file=sys.stderr)
+        conditioning, columns = {"use_prior": True}, None
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
                           args.sampler or s.sampler, generator, progress=not args.no_progress,
@@ -89,50 +145,142 @@ def _info(_: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2, default=str))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ul-fast", description="Unified Latents: train and sample.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other user error."""
 
-    train = sub.add_parser("train", help="train stage 1 then stage 2")
-    train.add_argument("--config", default="tiny", help="preset name (tiny, fmnist, imagenet512-paper) or YAML path")
-    train.add_argument("--out", help="run folder to create")
-    train.add_argument("--resume", help="run folder to continue from its latest checkpoint")
+    def error(self, message: str) -> NoReturn:
+        print(f"ul-fast: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _image_path(text: str) -> str:
+    """A path whose extension names an image format Pillow writes (as ``save_grid`` does)."""
+    if Image.registered_extensions().get(Path(text).suffix.lower()) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in an image extension (.png, .jpg, .jpeg, .webp, …)")
+    return text
+
+
+def _device(text: str) -> str:
+    if DEVICE_PATTERN.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ul-fast`` parser: one sub-command per job, every option with its help."""
+    parser = _Parser(prog="ul-fast", description="Unified Latents: train latent diffusion models and sample them.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command name too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", parents=[common], help="train stage 1 then stage 2",
+        description="Train a model into a new run folder (--out) or continue one (--resume). Stage 1 trains the "
+                    "encoder, the latent prior and the decoder; stage 2 the base model on the frozen latents. Every "
+                    "setting is checked before any work starts.")
+    train.add_argument("--config", default="tiny",
+                       help=f"a preset ({', '.join(preset_names())}; default tiny) or a YAML file, which may start "
+                            f"with 'extends: PRESET' and set only the keys that differ")
+    train.add_argument("--out", help="run folder to create (refused if it holds a run: see --resume, --overwrite)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="with --out: replace the run already in that folder (its checkpoints, metrics, grids)")
+    train.add_argument("--resume", help="run folder to continue from its newest intact checkpoint (--set may "
+                       "change schedule lengths, cadences, learning rates and sample.*)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.stage1_steps=100 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="sample images from a trained run")
-    sample.add_argument("--run", required=True)
-    sample.add_argument("-n", type=int, default=64)
-    sample.add_argument("--out", default="samples.png")
+    sample = sub.add_parser(
+        "sample", parents=[common], help="sample images from a trained run",
+        description="Generate a grid of images with a run's newest checkpoint (EMA weights): the base model's "
+                    "latents, decoded. A run whose stage 2 has not run samples its stage-1 prior instead.")
+    sample.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    sample.add_argument("-n", type=_positive_int, default=64, help="number of images (default 64)")
+    sample.add_argument("--out", type=_image_path, default="samples.png",
+                        help="image file of the grid; its extension picks the format (default samples.png)")
     sample.add_argument("--prompt", help="caption for a text-conditioned run, e.g. 'a photo of a sneaker'")
     sample.add_argument("--label", type=int, help="class label for every image (default: all classes in turn)")
-    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
-    sample.add_argument("--sampler", choices=SAMPLERS)
-    sample.add_argument("--latent-steps", type=int)
-    sample.add_argument("--decoder-steps", type=int)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="auto")
-    sample.add_argument("--no-progress", action="store_true")
+    sample.add_argument("--guidance", type=_non_negative_float,
+                        help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance)")
+    sample.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sample.add_argument("--latent-steps", type=_positive_int,
+                        help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
+    sample.add_argument("--decoder-steps", type=_positive_int,
+                        help="sampling steps of the decoder (default: the run's sample.decoder_steps)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    sample.add_argument("--device", type=_device, default="auto",
+                        help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bars")
     sample.set_defaults(func=_sample)
 
-    plot = sub.add_parser("plot", help="draw loss, bits/pixel and PSNR curves of a run to PNG")
-    plot.add_argument("run")
+    plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
+                          description="Draw a run's training curves from its metrics.jsonl (needs ul-fast[plot]).")
+    plot.add_argument("run", help="run folder written by ul-fast train")
     plot.add_argument("--out", help="PNG path (default RUN/curves.png)")
     plot.set_defaults(func=_plot)
 
-    info = sub.add_parser("info", help="print the build and which kernel each op uses")
+    info = sub.add_parser("info", parents=[common], help="print the build and which kernel each op uses",
+                          description="Print versions, the extension's build and the kernel each op dispatches to, "
+                                      "as JSON.")
     info.set_defaults(func=_info)
+    return parser
 
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, RuntimeError, ImportError) as error:  # configuration and checkpoint errors: a clear message
-        if os.environ.get("UL_FAST_DEBUG"):
-            raise
-        print(f"ul-fast: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+USER_ERRORS = (ValueError, OSError, ImportError, yaml.YAMLError, torch.cuda.OutOfMemoryError)
+"""Errors that describe the user's input or machine (ConfigError is a ValueError; a missing file an OSError; a
+missing extra an ImportError). The exception classes ul_fast defines (CheckpointError, TrainingDiverged, …) are
+user errors too; anything else, e.g. a RuntimeError from inside torch, is a bug and keeps its traceback."""
+
+
+def _is_user_error(error: Exception) -> bool:
+    return isinstance(error, USER_ERRORS) or type(error).__module__.startswith("ul_fast.")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                  line: str | None = None) -> None:
+    """``warnings.showwarning`` of the command line: one line on stderr, no source location."""
+    print(f"ul-fast: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``ul-fast ARGV`` (default: ``sys.argv[1:]``). A user error prints one line and exits with status 2."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("UL_FAST_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            args.func(args)
+        except Exception as error:
+            if debug or not _is_user_error(error):
+                raise
+            message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            print(f"ul-fast: error: {message or type(error).__name__}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

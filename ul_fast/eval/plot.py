@@ -6,10 +6,11 @@ changes no global matplotlib state (backend, open figures) of the calling proces
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from ul_fast.eval.metrics_file import read_metrics
 
 __all__ = ["read_metrics_file", "plot_run"]
 
@@ -20,26 +21,10 @@ PANEL_WIDTH_IN, PANEL_HEIGHT_IN = 6.0, 4.0
 
 
 def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
-    """Parse a metrics JSONL file into records (dicts with an int ``step``), sorted by step.
-
-    A malformed *last* line is dropped (a run killed mid-write); a malformed earlier line, a record that is
-    not an object or has no integer ``step`` raises ValueError naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path} (a run folder written by `ul-fast train`?)")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    records = []
-    for position, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if position == len(lines) - 1:
-                break  # partial last line of an interrupted write
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{number}: expected a JSON object with an integer 'step', got {line[:80]!r}")
-        records.append(record)
+    """The metric records of a metrics JSONL file (events left out), sorted by step; errors as
+    :func:`~ul_fast.eval.metrics_file.read_metrics` (a torn last line is dropped), and ValueError when the
+    file holds no records yet."""
+    records = read_metrics(path)
     if not records:
         raise ValueError(f"{path} holds no metrics records yet")
     return sorted(records, key=lambda r: r["step"])

@@ -1,7 +1,8 @@
 """Training: the loop, EMA, checkpoints and metrics."""
 
 from ul_fast.train.checkpoint import CheckpointError, latest_checkpoint, load_trained_model, save_checkpoint
-from ul_fast.train.trainer import Trainer, TrainingDiverged
+from ul_fast.train.run_folder import RunFolderError
+from ul_fast.train.trainer import Trainer, TrainingAborted, TrainingDiverged, TrainingInterrupted
 
-__all__ = ["CheckpointError", "Trainer", "TrainingDiverged", "latest_checkpoint", "load_trained_model",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "RunFolderError", "Trainer", "TrainingAborted", "TrainingDiverged",
+           "TrainingInterrupted", "latest_checkpoint", "load_trained_model", "save_checkpoint"]

@@ -2,20 +2,26 @@
 
 Layout of a run folder::
 
-    RUN/checkpoints/step_00000400/{model.safetensors, ema.safetensors, state.pt}
+    RUN/checkpoints/step_00000400/{model.safetensors, ema.safetensors, state.pt, checksums.json}
     RUN/checkpoints/latest          # text file naming the newest complete checkpoint folder
 
-A checkpoint folder is written under a temporary name and renamed into place, and ``latest`` is
-replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+A checkpoint folder is written under a temporary name (``.step_00000400.*``) and renamed into place, and
+``latest`` is replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+``checksums.json`` holds the SHA-256 of every other file; loading verifies it, and a run resumes from the
+newest checkpoint that reads back intact (checkpoints written before checksums load unverified).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -23,10 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "ul_fast.checkpoint.v1"
+CHECKSUMS = "checksums.json"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, or not one of ours."""
+    """A checkpoint is missing, truncated, corrupted, or not one of ours."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped as unreadable, or loaded without checksums to verify it."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -36,6 +48,48 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    """SHA-256 of every file in ``folder``, fsynced with them before the folder is renamed into place."""
+    sums = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        sums[path.name] = _sha256(path)
+    with (folder / CHECKSUMS).open("w") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(folder: Path) -> bool:
+    """Check every file of ``folder`` against its ``checksums.json``: True when verified, False (with a
+    CheckpointWarning) for a checkpoint written without checksums; CheckpointError on a mismatch."""
+    sums_path = folder / CHECKSUMS
+    if not sums_path.is_file():
+        warnings.warn(f"{folder} has no {CHECKSUMS} (written before checksums): loading it unverified",
+                      CheckpointWarning, stacklevel=2)
+        return False
+    try:
+        sums = json.loads(sums_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{sums_path} is unreadable: {error}") from None
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint file {path} fails its SHA-256 check (corrupted on disk?)")
+    return True
 
 
 def _weights(source: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,6 +110,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         save_file(_weights(model), staging / "model.safetensors", metadata={"format": FORMAT})
         save_file(_weights(ema_model), staging / "ema.safetensors", metadata={"format": FORMAT})
         torch.save({"format": FORMAT, "step": step, **state}, staging / "state.pt")
+        _write_checksums(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -63,8 +118,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _atomic_write_text(root / "latest", final.name + "\n")
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in complete[:-keep_last]:
+    for old in _checkpoint_folders(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -79,6 +133,64 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     if not folder.is_dir():
         raise CheckpointError(f"{pointer} names {folder.name}, which does not exist")
     return folder
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
+def clean_staging(run_dir: str | Path) -> list[Path]:
+    """Remove what interrupted checkpoint writes left (``.step_*`` staging folders, ``.latest.*`` files)."""
+    root = Path(run_dir) / "checkpoints"
+    leftovers = sorted(root.glob(".step_*")) + sorted(root.glob(".latest.*")) if root.is_dir() else []
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
+def newest_readable_checkpoint(run_dir: str | Path, read: Callable[[Path], T],
+                               repair: bool = False) -> tuple[Path, T]:
+    """``(folder, read(folder))`` for the newest checkpoint that verifies and reads: ``latest`` first, then
+    the others newest first. Each one skipped is named in a CheckpointWarning; with ``repair`` (the process
+    that owns the run folder), the skipped newer ones are moved aside to ``checkpoints/corrupt-step_*`` and
+    ``latest`` is pointed at the one taken. CheckpointError when none is readable."""
+    root = Path(run_dir) / "checkpoints"
+    folders = list(reversed(_checkpoint_folders(root)))
+    try:
+        newest = latest_checkpoint(run_dir)
+    except CheckpointError as error:
+        if not folders:
+            raise
+        warnings.warn(f"{error}: trying the checkpoint folders instead", CheckpointWarning, stacklevel=2)
+        newest = folders[0]
+    candidates = [newest] + [p for p in folders if p != newest]
+    failures = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+            value = read(folder)
+        except CheckpointError as error:
+            failures.append((folder, error))
+            warnings.warn(f"skipping checkpoint {folder.name}: {error}", CheckpointWarning, stacklevel=2)
+            continue
+        if failures:
+            warnings.warn(f"resuming from {folder}, the newest readable checkpoint", CheckpointWarning, stacklevel=2)
+            if repair:
+                for bad, _ in failures:
+                    if bad.name > folder.name:  # keep them out of pruning and of the next resume
+                        target, copy = root / f"corrupt-{bad.name}", 1
+                        while target.exists():
+                            target, copy = root / f"corrupt-{bad.name}.{copy}", copy + 1
+                        os.replace(bad, target)
+                _atomic_write_text(root / "latest", folder.name + "\n")
+        return folder, value
+    (newest_folder, newest_error), *older = failures
+    also = f"; older ones fail too ({', '.join(p.name for p, _ in older)})" if older else ""
+    raise CheckpointError(f"no readable checkpoint in {root}: the newest, {newest_folder.name}: {newest_error}{also}")
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -106,11 +218,6 @@ def read_weights(module: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_weights_into(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into an unsharded ``module`` (validated by :func:`read_weights`)."""
-    module.load_state_dict(read_weights(module, path))
-
-
 def load_state(folder: Path) -> dict[str, Any]:
     """The training-state dict of a checkpoint folder, validated."""
     path = folder / "state.pt"
@@ -135,6 +242,7 @@ def load_trained_model(run_dir: str | Path, device: torch.device | str = "cpu", 
         raise CheckpointError(f"{run_dir} is not a ul_fast run folder: {config_path} does not exist")
     config = load_config(str(config_path))
     model = UnifiedLatents(config.model)
-    folder = latest_checkpoint(run_dir)
-    load_weights_into(model, folder / ("ema.safetensors" if use_ema else "model.safetensors"))
+    name = "ema.safetensors" if use_ema else "model.safetensors"
+    _, weights = newest_readable_checkpoint(run_dir, lambda folder: read_weights(model, folder / name))
+    model.load_state_dict(weights)
     return config, model.to(device).eval()

@@ -3,12 +3,19 @@
 One ``Trainer`` owns the model, its EMA copy, the optimiser and LR schedule of the current stage, the
 data stream and the training generator; all of it is checkpointed, so ``--resume`` continues a killed
 run exactly where its last checkpoint left it.
+
+While :meth:`Trainer.fit` runs, rank 0 holds an exclusive lock on the run folder, and SIGINT/SIGTERM stop the
+run cleanly: the current step finishes, a checkpoint is written and :class:`TrainingInterrupted` is raised
+(every rank stops at the same step); a second signal aborts at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,16 +23,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ul_fast.config import Config, save_config
+from ul_fast.config import Config, config_from_dict, save_config
 from ul_fast.data import BatchStream, Conditioning, load_dataset
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    clean_staging,
     load_state,
-    load_weights_into,
+    newest_readable_checkpoint,
     read_weights,
     save_checkpoint,
 )
@@ -39,10 +46,37 @@ from ul_fast.train.parallel import (
     load_weights,
     shard_networks,
 )
+from ul_fast.train.preflight import check_device, check_run_inputs
+from ul_fast.train.resume_policy import check_resume_changes, config_changes
+from ul_fast.train.run_folder import RunFolderError, RunLock, check_new_run, clear_run
+
+# Keys whose change on resume alters the learning rate or weight decay of the restored optimiser.
+OPTIMIZER_KEYS = ("train.lr", "train.base_lr", "train.warmup_steps", "train.weight_decay", "train.stage1_steps",
+                  "train.stage2_steps")
+# A repeat of the stop signal this soon after the first is the same request delivered twice (a terminal's
+# Ctrl-C reaches torchrun's workers directly and again through torchrun), not a second Ctrl-C.
+REPEAT_GRACE_S = 1.0
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a step; a checkpoint of that step was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM aborted the run at once, without a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"aborted by a second {signal.Signals(signum).name}: nothing saved since the last "
+                         "checkpoint")
+        self.signum = signum
 
 
 def parameter_prefixes(networks: tuple[str, ...]) -> tuple[str, ...]:
@@ -67,13 +101,16 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         t = config.train
+        check_device(t.device)  # before anything is moved there
         self.device = resolve_device(t.device)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (
             t.precision == "auto" and self.device.type == "cuda")) else None
         torch.manual_seed(t.seed)
         self.model = UnifiedLatents(config.model).to(self.device)
         if t.init_from:  # e.g. stage 2 alone, from a finished stage-1 run
-            load_weights_into(self.model, latest_checkpoint(t.init_from) / "ema.safetensors")
+            _, weights = newest_readable_checkpoint(
+                t.init_from, lambda folder: read_weights(self.model, folder / "ema.safetensors"))
+            self.model.load_state_dict(weights)
         self.ema_model = make_ema_model(self.model)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         # FSDP2: model and EMA sharded alike, so EMA updates are shard-local; evaluation then runs on
@@ -89,6 +126,7 @@ class Trainer:
         image_channels = config.model.image_channels
         self.train_data = load_dataset(config.data.dataset, "train", config.model.image_size, image_channels)
         self.test_data = load_dataset(config.data.dataset, "test", config.model.image_size, image_channels)
+        check_run_inputs(config, self.train_data, self.test_data)
         self.stream = BatchStream(self.train_data, t.batch_size, t.seed, rank, world_size)
         # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
         # caption drawn per label (text models) in the conditioning's own CPU generator.
@@ -99,6 +137,7 @@ class Trainer:
         self.skipped_steps = 0
         self.frozen_bits_per_pixel: float | None = None
         self.log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self._stop_signal: int | None = None
         self._new_optimizer()
         eval_count = min(t.eval_images, len(self.test_data))
         self.eval_images = self.test_data.images[:eval_count].to(self.device)
@@ -176,21 +215,31 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state, self.config.train.keep_last)
 
+    def _read_checkpoint(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(training state, weights, EMA weights) of a checkpoint folder, each validated."""
+        return (load_state(folder), read_weights(self.model, folder / "model.safetensors"),
+                read_weights(self.ema_model, folder / "ema.safetensors"))
+
     def resume(self) -> None:
-        """Restore weights, EMA, optimiser, LR schedule, data position and RNG states from ``latest``."""
-        folder = latest_checkpoint(self.run_dir)
-        state = load_state(folder)
-        for module, name in ((self.model, "model.safetensors"), (self.ema_model, "ema.safetensors")):
-            load_weights(module, read_weights(module, folder / name), self.sharded)
+        """Restore weights, EMA, optimiser, LR schedule, data position and RNG states from the newest checkpoint
+        that reads back intact; apply the config changes a resume allows (refusing the others)."""
+        folder, (state, weights, ema_weights) = newest_readable_checkpoint(self.run_dir, self._read_checkpoint,
+                                                                           repair=self.is_main)
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(f"{folder} was written by {state['world_size']} processes; resume it with the "
+                                  f"same number (got {self.world_size}) to continue exactly")
+        changes = config_changes(config_from_dict(state["config"]).to_dict(), self.config.to_dict())
+        check_resume_changes(changes, state["stage"])
+        load_weights(self.model, weights, self.sharded)
+        load_weights(self.ema_model, ema_weights, self.sharded)
         self.stage = state["stage"]
         self._new_optimizer()
         self.stage_step = state["stage_step"]
         load_optimizer(self.model, self.optimizer, state["optimizer"], self.sharded)
         self.scheduler.load_state_dict(state["scheduler"])
+        if any(key in changes for key in OPTIMIZER_KEYS):
+            self._apply_optimizer_settings()
         self.stream.load_state_dict(state["stream"])
-        if state["world_size"] != self.world_size:
-            raise CheckpointError(f"{folder} was written by {state['world_size']} processes; resume it with the "
-                                  f"same number (got {self.world_size}) to continue exactly")
         rng = state["rng"][self.rank]
         self.generator.set_state(rng["generator"])
         self.conditioning.generator.set_state(rng["caption_generator"])
@@ -200,6 +249,26 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.frozen_bits_per_pixel = state["frozen_bits_per_pixel"]
         self.log.truncate_after(self.global_step)
+        if changes and self.is_main:  # recorded where they take effect: config.yaml and the metrics
+            self._write_config()
+            self.log.write({"step": self.global_step, "event": "config_change", "changes": changes})
+
+    def _apply_optimizer_settings(self) -> None:
+        """Give the restored optimiser the config's LR, warm-up, stage length and weight decay (its saved
+        state would otherwise keep the old ones): the LR of the next step is what the schedule gives now."""
+        t = self.config.train
+        lr = t.lr if self.stage == 1 else t.base_lr
+        step = self.scheduler.last_epoch
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=lr, lr=lr * lr_factor(step, t.warmup_steps, self.stage_steps),
+                         weight_decay=t.weight_decay)
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+
+    def _write_config(self) -> None:
+        """``RUN/config.yaml``, replaced atomically."""
+        temporary = self.run_dir / ".config.yaml.tmp"
+        save_config(self.config, temporary)
+        os.replace(temporary, self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------- one step
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -300,24 +369,96 @@ class Trainer:
             self.frozen_bits_per_pixel = self.evaluate()["heldout_bits_per_pixel"]
         self._new_optimizer()
 
-    def fit(self, resume: bool = False) -> None:
-        """Run (or continue) stage 1 then stage 2, logging, evaluating and checkpointing as configured."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Run (or continue) stage 1 then stage 2, logging, evaluating and checkpointing as configured.
+
+        A new run (``resume`` False) refuses a folder that already holds a run unless ``overwrite``, which
+        first removes that run's outputs. Raises :class:`TrainingInterrupted` after a clean stop on SIGINT or
+        SIGTERM, :class:`~ul_fast.train.run_folder.RunFolderError` when another training holds the folder."""
         t = self.config.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
-        elif self.is_main:
-            save_config(self.config, self.run_dir / "config.yaml")
-            if (self.run_dir / "metrics.jsonl").exists():
-                (self.run_dir / "metrics.jsonl").unlink()
-        if self.stage == 1 and self.stage_step >= t.stage1_steps and t.stage2_steps > 0:
-            self._start_stage(2)  # stage 1 finished before the checkpoint, or is skipped (stage1_steps: 0)
-        while True:
-            self._run_stage()
-            if self.stage == 1 and t.stage2_steps > 0:
-                self._start_stage(2)
-                continue
-            break
+        try:
+            with self._claim_run_folder(resume, overwrite), self._stop_on_signals():
+                if resume:
+                    self.resume()
+                elif self.is_main:
+                    self._write_config()
+                if self.stage == 1 and self.stage_step >= t.stage1_steps and t.stage2_steps > 0:
+                    self._start_stage(2)  # stage 1 finished before the checkpoint, or is skipped (stage1_steps: 0)
+                while True:
+                    self._run_stage()
+                    if self.stage == 1 and t.stage2_steps > 0:
+                        self._start_stage(2)
+                        continue
+                    break
+        finally:
+            self.log.close()
+
+    def _any_rank(self, flag: int) -> int:
+        """The largest ``flag`` over the ranks (itself in one process): one all-reduced int."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([flag], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return int(value.item())
+
+    @contextlib.contextmanager
+    def _claim_run_folder(self, resume: bool, overwrite: bool):
+        """Rank 0 locks the run folder for the duration, refuses (or, with ``overwrite``, clears) an existing run
+        when starting a new one, and removes the staging folders of interrupted checkpoint writes; every rank
+        fails alike when it cannot."""
+        with contextlib.ExitStack() as stack:
+            error: RunFolderError | None = None
+            if self.is_main:
+                try:
+                    stack.enter_context(RunLock(self.run_dir))
+                    if not resume:
+                        check_new_run(self.run_dir, overwrite)
+                    if overwrite and not resume:
+                        clear_run(self.run_dir)
+                    clean_staging(self.run_dir)
+                except RunFolderError as caught:
+                    error = caught
+            if self._any_rank(int(error is not None)):
+                raise error or RunFolderError(f"rank 0 could not claim {self.run_dir}")
+            yield
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM ask the loop to stop after the current step (see :meth:`_stop_requested`); a
+        second one aborts at once. The previous handlers are restored on exit."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # handlers only work in the main thread
+            yield
+            return
+        first_at = 0.0
+
+        def handler(signum: int, frame: Any) -> None:
+            nonlocal first_at
+            if self._stop_signal is None:
+                self._stop_signal, first_at = signum, time.monotonic()
+            elif time.monotonic() - first_at >= REPEAT_GRACE_S:
+                raise TrainingAborted(signum)
+
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, old in previous.items():
+                signal.signal(number, old)
+
+    def _stop_requested(self) -> int:
+        """The signal that asked to stop (0: none), agreed by all ranks so they stop at the same step."""
+        return self._any_rank(self._stop_signal or 0)
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Checkpoint this step (unless just done), record the stop and raise :class:`TrainingInterrupted`."""
+        if not saved:
+            self.save()
+        name = signal.Signals(signum).name
+        self.log.write({"step": self.global_step, "event": "interrupted", "signal": name})
+        raise TrainingInterrupted(f"stopped by {name} after step {self.global_step}, checkpoint written; continue "
+                                  f"with: ul-fast train --resume {self.run_dir}", signum)
 
     def _run_stage(self) -> None:
         t = self.config.train
@@ -348,6 +489,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
                                 bpp=f"{record.get('bits_per_pixel') or 0:.4f}")
                 window, count, start = {}, 0, time.perf_counter()
-            if self.stage_step % t.checkpoint_every == 0 or self.stage_step == self.stage_steps:
+            saved = self.stage_step % t.checkpoint_every == 0 or self.stage_step == self.stage_steps
+            if saved:
                 self.save()
+            if signum := self._stop_requested():
+                bar.close()
+                self._stop(signum, saved)
         bar.close()

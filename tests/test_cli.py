@@ -1,0 +1,157 @@
+"""The command line in-process: every user error is one line and exit status 2 (tracebacks only with --debug),
+bugs keep their traceback, sampling a run without a trained base model uses its prior, --help is complete."""
+
+import argparse
+import warnings
+
+import numpy as np
+import pytest
+
+from ul_fast import cli
+from ul_fast.config import preset_names
+from ul_fast.train import Trainer
+
+from micro import micro_config
+
+
+def _one_line_error(capsys, argv: list[str], *words: str) -> str:
+    """Run ``ul-fast ARGV``; assert it exits with 2 after exactly one stderr line naming ``words``."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ul-fast: error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Micro runs: ``stage1`` (stage 1 only: no trained base model), ``full`` (both stages), and ``refined``
+    (stage 1 only, initialised from ``full``: its base model is ``full``'s)."""
+    folder = tmp_path_factory.mktemp("cli")
+    for name, stage2_steps, init_from in (("stage1", 0, None), ("full", 1, None), ("refined", 0, "full")):
+        config = micro_config(train={"stage1_steps": 2, "stage2_steps": stage2_steps, "eval_every": 1000,
+                                     "checkpoint_every": 1000, "init_from": init_from and str(folder / init_from)})
+        Trainer(config, folder / name).fit()
+    return folder
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  image_size: [16\n")
+    out = str(tmp_path / "new")
+    _one_line_error(capsys, ["train", "--config", str(bad), "--out", out], "bad.yaml", "invalid YAML at line")
+    _one_line_error(capsys, ["train", "--out", out, "--set", "model.image_size=[1"], "model.image_size",
+                    "invalid YAML")
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--out", out], "nope.yaml")
+    _one_line_error(capsys, ["train", "--config", "tinyy", "--out", out], "tinyy")
+    _one_line_error(capsys, ["train", "--out", out, "--set", "train.grad_clip=-1"], "train.grad_clip")
+    _one_line_error(capsys, ["train", "--out", out, "--set", "train.stage1_steps=0", "--set",
+                             "train.stage2_steps=0"], "train.stage1_steps")
+    _one_line_error(capsys, ["train", "--config", "tiny"], "--out")
+    assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+def test_data_errors_are_one_line(tmp_path, capsys):
+    int64 = tmp_path / "int64.npy"
+    np.save(int64, np.zeros((8, 16, 16), dtype=np.int64))
+    micro = tmp_path / "micro.yaml"
+    micro.write_text("extends: tiny\nmodel: {num_classes: 0}\n")
+    out = str(tmp_path / "new")
+    _one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set",
+                             f"data.dataset=folder:{tmp_path / 'missing'}"], "missing")
+    _one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set", "model.image_size=16",
+                             "--set", f"data.dataset=array:{int64}"], "int64.npy", "dtype int64", "uint8")
+    assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["-n", "0"], ("argument -n", "positive integer", "got 0")),
+    (["-n", "-3"], ("argument -n",)),
+    (["-n", "many"], ("argument -n", "'many'")),
+    (["--latent-steps", "0"], ("argument --latent-steps",)),
+    (["--decoder-steps", "0"], ("argument --decoder-steps",)),
+    (["--out", "grid.txt"], ("argument --out", "grid.txt", "image extension")),
+    (["--out", "grid"], ("argument --out",)),
+    (["--guidance", "-1"], ("argument --guidance", ">= 0")),
+    (["--device", "gpu"], ("argument --device", "'gpu'")),
+])
+def test_sample_arguments_are_checked_before_anything_loads(tmp_path, capsys, argv, words):
+    _one_line_error(capsys, ["sample", "--run", str(tmp_path / "none"), *argv], *words)
+
+
+def test_missing_runs_and_arguments_are_one_line(tmp_path, capsys):
+    _one_line_error(capsys, ["sample", "--run", str(tmp_path / "none")], "none", "not a ul_fast run folder")
+    _one_line_error(capsys, ["plot", str(tmp_path / "none")], "none")
+    _one_line_error(capsys, ["sample"], "--run")
+    _one_line_error(capsys, ["frobnicate"], "frobnicate")
+
+
+def test_a_run_without_a_trained_base_model_samples_its_prior(runs, tmp_path, capsys):
+    grid = tmp_path / "prior.png"
+    cli.main(["sample", "--run", str(runs / "stage1"), "-n", "3", "--out", str(grid), "--no-progress"])
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"ul-fast: note: {runs / 'stage1'} has no trained base model (stage 2 has not run): sampling from its "
+        "stage-1 prior, unconditionally"]
+    assert grid.stat().st_size > 0
+    _one_line_error(capsys, ["sample", "--run", str(runs / "stage1"), "--label", "3", "--out", str(grid)],
+                    "no trained base model", "--label")
+
+
+def test_a_trained_run_samples_its_base_model_and_checks_the_label(runs, tmp_path, capsys):
+    for run in ("full", "refined"):
+        grid = tmp_path / f"{run}.jpg"
+        cli.main(["sample", "--run", str(runs / run), "-n", "2", "--out", str(grid), "--label", "4", "--no-progress"])
+        assert "note" not in capsys.readouterr().err
+        assert grid.stat().st_size > 0
+    _one_line_error(capsys, ["sample", "--run", str(runs / "full"), "--label", "10"], "--label must be in [0, 10)")
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
+    def user_error(_):
+        raise ValueError("a bad value\nover two lines")
+
+    monkeypatch.setattr(cli, "_info", user_error)
+    assert _one_line_error(capsys, ["info"]) == "ul-fast: error: a bad value over two lines"
+    for argv in (["--debug", "info"], ["info", "--debug"]):
+        with pytest.raises(ValueError, match="a bad value"):
+            cli.main(argv)
+    monkeypatch.setenv("UL_FAST_DEBUG", "1")
+    with pytest.raises(ValueError, match="a bad value"):
+        cli.main(["info"])
+    monkeypatch.delenv("UL_FAST_DEBUG")
+
+    def bug(_):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "_info", bug)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli.main(["info"])
+
+
+def test_warnings_are_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_info", lambda _: warnings.warn("mind the gap", UserWarning, stacklevel=1))
+    cli.main(["info"])
+    assert capsys.readouterr().err.splitlines() == ["ul-fast: warning: mind the gap"]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_help_describes_every_option_of_every_command():
+    parser = cli.build_parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"train", "sample", "plot", "info"}
+    for name, command in [("ul-fast", parser), *commands.items()]:
+        assert command.description, name
+        for action in command._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (name, action.option_strings or action.dest)
+    config_help = next(a.help for a in commands["train"]._actions if "--config" in a.option_strings)
+    assert all(preset in config_help for preset in preset_names())
+    assert "extends" in config_help
