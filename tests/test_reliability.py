@@ -1,0 +1,205 @@
+"""The CLI as a new user meets it: misuse, corruption, concurrent runs and kills, end to end.
+
+Each case runs the real ``ul-fast`` command in a subprocess and asserts the two promises of a run you can
+trust: no run is lost, overwritten or silently corrupted, and every user error is one line on stderr
+(``ul-fast: error: …``, no traceback) with a non-zero exit code, before any training work is done.
+The per-item unit tests live in ``test_run_safety.py``, ``test_fail_early.py`` and ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from micro import MICRO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("UL_FAST_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "ul_fast.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ul_fast.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _micro_yaml(folder: Path, **train) -> Path:
+    data = {key: dict(value) for key, value in MICRO.items()}
+    data["train"].update(train)
+    path = folder / "micro.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _fingerprint(run: Path) -> dict[str, str]:
+    """SHA-256 of every file under a run folder (the lock file aside), to show it was not touched."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # warnings (e.g. a deprecation note) may precede the error; the error itself is one line, no traceback
+    errors = [line for line in lines if line.startswith("ul-fast: error:")]
+    assert done.returncode != 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1, done.stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished micro run (stage 1 and stage 2) shared by the read-only cases."""
+    folder = tmp_path_factory.mktemp("reliability")
+    run = folder / "run"
+    done = _run("train", "--config", str(_micro_yaml(folder, stage1_steps=4, stage2_steps=2, eval_every=4)),
+                "--out", str(run), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _misuse_cases(tmp: Path, run: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
+    """``(name, argv, words the one-line error must contain)``."""
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("model:\n  image_size: [16\n")
+    int64_array = tmp / "int64.npy"
+    np.save(int64_array, np.zeros((8, 32, 32), dtype=np.int64))
+    out = str(tmp / "new")
+    return [
+        ("no --out", ["train", "--config", "tiny"], ("--out",)),
+        ("missing config file", ["train", "--config", str(tmp / "nope.yaml"), "--out", out], ("nope.yaml",)),
+        ("unknown preset", ["train", "--config", "tinyy", "--out", out], ("tinyy",)),
+        ("YAML syntax error in a file", ["train", "--config", str(bad_yaml), "--out", out], ("bad.yaml",)),
+        ("YAML syntax error in --set", ["train", "--out", out, "--set", "model.image_size=[1"], ("model.image_size",)),
+        ("unknown key", ["train", "--out", out, "--set", "model.loss_factr=2"], ("model.loss_factr",)),
+        ("negative grad_clip", ["train", "--out", out, "--set", "train.grad_clip=-1"], ("train.grad_clip",)),
+        ("negative warmup", ["train", "--out", out, "--set", "train.warmup_steps=-1"], ("train.warmup_steps",)),
+        ("no eval images", ["train", "--out", out, "--set", "train.eval_images=0"], ("train.eval_images",)),
+        ("no grid images", ["train", "--out", out, "--set", "sample.grid_images=0"], ("sample.grid_images",)),
+        ("head_dim 0", ["train", "--out", out, "--set", "model.prior.head_dim=0"], ("head_dim",)),
+        ("patch 0", ["train", "--out", out, "--set", "model.decoder.patch=0"], ("patch",)),
+        ("no steps at all", ["train", "--out", out, "--set", "train.stage1_steps=0", "--set",
+                             "train.stage2_steps=0"], ("stage1_steps",)),
+        ("cuda without CUDA", ["train", "--out", out, "--set", "train.device=cuda"], ("train.device",)),
+        ("missing data folder", ["train", "--out", out, "--set", f"data.dataset=folder:{tmp / 'none'}"],
+         ("none",)),
+        ("int64 image array", ["train", "--out", out, "--set", f"data.dataset=array:{int64_array}"], ("int64",)),
+        ("resume of nothing", ["train", "--resume", str(tmp / "none")], ("none",)),
+        ("sample from nothing", ["sample", "--run", str(tmp / "none")], ("none",)),
+        ("sample -n 0", ["sample", "--run", str(run), "-n", "0"], ("-n",)),
+        ("sample -n negative", ["sample", "--run", str(run), "-n", "-3"], ("-n",)),
+        ("latent steps 0", ["sample", "--run", str(run), "--latent-steps", "0"], ("--latent-steps",)),
+        ("decoder steps 0", ["sample", "--run", str(run), "--decoder-steps", "0"], ("--decoder-steps",)),
+        ("--out not an image", ["sample", "--run", str(run), "--out", str(tmp / "grid.txt")], ("grid.txt",)),
+        ("label out of range", ["sample", "--run", str(run), "--label", "99"], ("--label",)),
+        ("plot of nothing", ["plot", str(tmp / "none")], ("none",)),
+    ]
+
+
+def test_every_misuse_is_one_line_and_nonzero_and_touches_no_run(trained_run, tmp_path):
+    before = _fingerprint(trained_run)
+    failures = []
+    for name, argv, words in _misuse_cases(tmp_path, trained_run):
+        done = _run(*argv, timeout=180, cwd=tmp_path)
+        try:
+            _assert_one_line_error(done, *words)
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+        assert not (tmp_path / "new" / "checkpoints").exists(), f"{name}: training started"
+    assert not failures, "\n".join(failures)
+    assert _fingerprint(trained_run) == before
+
+
+def test_out_onto_an_existing_run_is_refused_and_the_run_kept(trained_run, tmp_path):
+    before = _fingerprint(trained_run)
+    done = _run("train", "--config", str(_micro_yaml(tmp_path)), "--out", str(trained_run), "--no-progress")
+    _assert_one_line_error(done, "--resume")
+    assert _fingerprint(trained_run) == before
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """Random bytes in the newest checkpoint's tensor data: resume names the damaged file, takes the previous
+    checkpoint, and retrains onto exactly the uninterrupted run's losses."""
+    config = _micro_yaml(tmp_path, stage1_steps=6, stage2_steps=0, checkpoint_every=2, keep_last=2,
+                         eval_every=1000, log_every=1)
+    reference = _run("train", "--config", str(config), "--out", str(tmp_path / "reference"), "--no-progress")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    victim = tmp_path / "victim"
+    first = _run("train", "--config", str(config), "--out", str(victim), "--no-progress")
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = sorted((victim / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    blob = bytearray(newest.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = os.urandom(64)
+    newest.write_bytes(bytes(blob))
+    resumed = _run("train", "--resume", str(victim), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "model.safetensors" in resumed.stderr  # the damaged file is named
+    from ul_fast.train.metrics_log import read_metrics
+
+    expected = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "reference") if "loss" in m]
+    got = [(m["step"], m["loss"]) for m in read_metrics(victim) if "loss" in m]
+    assert got == expected
+
+
+def test_two_trainings_into_one_folder_the_second_fails_at_once(tmp_path):
+    config = _micro_yaml(tmp_path, stage1_steps=400, stage2_steps=0, checkpoint_every=1000, eval_every=1000)
+    run = tmp_path / "run"
+    first = _spawn("train", "--config", str(config), "--out", str(run), "--no-progress")
+    try:
+        deadline = time.time() + 120
+        while not (run / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = _run("train", "--resume", str(run), "--no-progress", timeout=120)
+        _assert_one_line_error(second, str(first.pid))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_a_stale_lock_of_a_killed_run_does_not_block_resume(tmp_path):
+    config = _micro_yaml(tmp_path, stage1_steps=40, stage2_steps=0, checkpoint_every=2, eval_every=1000)
+    run = tmp_path / "run"
+    victim = _spawn("train", "--config", str(config), "--out", str(run), "--no-progress")
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _run("train", "--resume", str(run), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
+    config = _micro_yaml(tmp_path, stage1_steps=400, stage2_steps=0, checkpoint_every=1000, eval_every=1000,
+                         log_every=1)
+    run = tmp_path / "run"
+    victim = _spawn("train", "--config", str(config), "--out", str(run), "--no-progress")
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    _, stderr = victim.communicate(timeout=120)
+    assert victim.returncode != 0
+    assert "Traceback" not in stderr, stderr
+    assert (run / "checkpoints" / "latest").exists(), "no checkpoint was written on SIGTERM"
