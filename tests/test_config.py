@@ -47,6 +47,13 @@ def test_user_yaml_file_and_round_trip(tmp_path):
     ("model.decoder.conv_channels=[]", "model.decoder.conv_channels must be non-empty"),
     ("model.decoder.width=40", "model.decoder.width 40 must be a multiple of head_dim 32"),
     ("train.compile=maybe", "train.compile: expected true or false"),
+    ("model.latent_prior=laplace", "model.latent_prior must be one of"),
+    ("model.decoder_loss=l1", "model.decoder_loss must be one of"),
+    ("model.mse_decoder_scale=0", "model.mse_decoder_scale must be a finite number > 0"),
+    ("model.kl_weight=0", "model.kl_weight must be a finite number > 0"),
+    ("model.kl_weight=.inf", "model.kl_weight must be a finite number > 0"),
+    ("model.prior_stop_grad=perhaps", "model.prior_stop_grad: expected true or false"),
+    ("model.single_stage_sample_logsnr=3", "model.single_stage_sample_logsnr applies to model.mode single_stage"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -100,3 +107,29 @@ def test_old_and_new_weighting_keys_with_different_values_are_an_error():
     data["model"]["loss_factor"] = 4
     with pytest.warns(FutureWarning):
         assert config_from_dict(data).model.decoder_weighting.factor == 4.0
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.latent_prior=normal", "model.prior_stop_grad=true"], "model.prior_stop_grad needs model.latent_prior"),
+    (["model.latent_prior=normal", "model.mode=single_stage", "train.stage2_steps=0"],
+     "model.mode single_stage needs model.latent_prior diffusion"),
+    (["model.mode=single_stage", "train.stage2_steps=0", "model.single_stage_sample_logsnr=6"],
+     r"model.single_stage_sample_logsnr \(6.0\) must be in \(latent_logsnr_min, latent_logsnr_0\]"),
+    (["model.mode=single_stage", "train.stage2_steps=0", "model.single_stage_sample_logsnr=-15"],
+     r"model.single_stage_sample_logsnr \(-15.0\) must be in"),
+])
+def test_inconsistent_ablation_switches_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", overrides)
+
+
+def test_a_config_saved_before_the_ablation_switches_loads_with_them_off(tmp_path):
+    data = load_config("tiny").to_dict()
+    new_keys = ("latent_prior", "decoder_loss", "mse_decoder_scale", "prior_stop_grad", "kl_weight",
+                "single_stage_sample_logsnr")
+    for key in new_keys:
+        del data["model"][key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    model = load_config(str(tmp_path / "config.yaml")).model
+    assert (model.latent_prior, model.decoder_loss, model.prior_stop_grad, model.kl_weight,
+            model.single_stage_sample_logsnr) == ("diffusion", "diffusion", False, 1.0, None)

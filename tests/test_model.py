@@ -206,3 +206,39 @@ def test_decoder_weighting_reaches_the_decoder_loss():
         outs.append(model.stage1_loss(images(4), generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(outs[1]["prior_nats"], outs[0]["prior_nats"], rtol=0, atol=0)
     torch.testing.assert_close(outs[1]["decoder_loss"], 2 * outs[0]["decoder_loss"])
+
+
+def test_latent_nats_of_the_prior_is_stage1s_prior_term(model):
+    x = images(4)
+    out = model.stage1_loss(x, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ops.draw_seed("cpu", generator)  # stage 1 draws z_0's noise first; the prior's term starts from here
+    nats = model.latent_nats(x, "prior", generator=generator)
+    assert nats.shape == (4,) and nats.dtype == torch.float32
+    torch.testing.assert_close(nats.mean(), out["prior_nats"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="network must be 'prior' or 'base'"):
+        model.latent_nats(x, "decoder")
+
+
+def test_latent_nats_of_the_base_model_is_the_same_elbo_under_the_base_network():
+    """A base model with the prior's architecture and weights gives the prior's rate; its conditioning counts
+    (given, never dropped)."""
+    same = {"widths": [32], "depths": [1], "head_dim": 16, "mlp_ratio": 2.0, "dropout": 0.0}
+    model = UnifiedLatents(micro_config(model={"base": same, "num_classes": 0}).model)
+    for p in model.prior.final.parameters():  # zero at initialisation: randomise, so the network matters
+        torch.nn.init.normal_(p, std=0.1)
+    model.base.load_state_dict(model.prior.state_dict())
+    x = images(4)
+    base = model.latent_nats(x, "base", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(base, model.latent_nats(x, "prior", generator=torch.Generator().manual_seed(1)),
+                               rtol=0, atol=0)
+    conditional = UnifiedLatents(micro_config(model={"label_dropout": 0.9}).model)
+    for p in conditional.base.final.parameters():  # zero at initialisation: the output would ignore the label
+        torch.nn.init.normal_(p, std=0.1)
+    labels = torch.tensor([0, 1, 2, 3])
+    given = conditional.latent_nats(x, "base", labels=labels, generator=torch.Generator().manual_seed(1))
+    z = conditional.encode(x)
+    undropped = conditional._latent_rate(z, conditional._rate_kl(z, "base"), "base", torch.Generator().manual_seed(1),
+                                         labels=labels)
+    torch.testing.assert_close(given, undropped, rtol=0, atol=0)  # a dropout would draw and null most labels
+    assert not torch.equal(given, conditional.latent_nats(x, "base", generator=torch.Generator().manual_seed(1)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 import warnings
@@ -37,6 +38,11 @@ TWO_STAGE, SINGLE_STAGE = "two_stage", "single_stage"
 MODES = (TWO_STAGE, SINGLE_STAGE)
 """``model.mode``: two_stage (prior in stage 1, base model in stage 2) or single_stage (paper App. B: the
 base model trains with encoder and decoder in stage 1, and there is no stage 2)."""
+LATENT_PRIORS = ("diffusion", "normal")
+"""``model.latent_prior``: the diffusion prior of the method, or N(0, I) (a VAE; paper Tab. 5 row 3)."""
+DECODER_LOSSES = ("diffusion", "mse")
+"""``model.decoder_loss``: the diffusion decoder of the method, or a deterministic Gaussian decoder (Tab. 5
+row 2)."""
 
 
 class ConfigError(ValueError):
@@ -111,8 +117,23 @@ class ModelConfig:
     context_dim: int | None = None
     text_max_tokens: int = 16
     # One of MODES. single_stage trains the base model with encoder and decoder, each example up to a
-    # maximum log-SNR ~ Logistic(base_bias, 1) truncated at latent_logsnr_0.
+    # maximum log-SNR ~ Logistic(base_bias, 1) clamped at latent_logsnr_0 (the mass above sits at it).
     mode: str = TWO_STAGE
+    # single_stage only: the latent log-SNR the decoder receives at sampling (reconstructions add the latent
+    # noise of that level, the base model samples down to it); null = latent_logsnr_0.
+    single_stage_sample_logsnr: float | None = None
+    # The paper's ablations, each off by default (see ul_fast.model.UnifiedLatents):
+    # latent_prior (one of LATENT_PRIORS): normal = the latent's rate is KL[q(z_0|x) ‖ N(0, I)], no prior network.
+    latent_prior: str = "diffusion"
+    # decoder_loss (one of DECODER_LOSSES): mse = a deterministic decoder (one forward pass) trained with the
+    # Gaussian negative log-likelihood −log N(x; x̂, mse_decoder_scale²·I) in nats per image (pixels in [−1, 1]).
+    decoder_loss: str = "diffusion"
+    mse_decoder_scale: float = 0.1
+    # true: the latent's rate term does not train the encoder (the decoder's term still does; Tab. 6 A).
+    prior_stop_grad: bool = False
+    # Weight of the latent's rate in the stage-1 loss: 1 = the method. A small weight with latent_prior normal
+    # and decoder_loss mse is the classic VAE of two-stage latent diffusion (preset vae-ldm).
+    kl_weight: float = 1.0
 
 
 @dataclass
@@ -405,6 +426,27 @@ def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.mode in MODES, f"model.mode must be one of {MODES}, got {m.mode!r}")
     _require(m.mode == TWO_STAGE or t.stage2_steps == 0,
              "model.mode single_stage trains the base model in stage 1: set train.stage2_steps to 0")
+    _require(m.latent_prior in LATENT_PRIORS,
+             f"model.latent_prior must be one of {LATENT_PRIORS}, got {m.latent_prior!r}")
+    _require(m.decoder_loss in DECODER_LOSSES,
+             f"model.decoder_loss must be one of {DECODER_LOSSES}, got {m.decoder_loss!r}")
+    _require(m.mse_decoder_scale > 0 and math.isfinite(m.mse_decoder_scale),
+             f"model.mse_decoder_scale must be a finite number > 0, got {m.mse_decoder_scale}")
+    _require(m.kl_weight > 0 and math.isfinite(m.kl_weight),
+             f"model.kl_weight must be a finite number > 0, got {m.kl_weight}")
+    _require(m.latent_prior == "diffusion" or m.mode == TWO_STAGE,
+             "model.latent_prior normal has no network to train with the decoder: model.mode single_stage needs "
+             "model.latent_prior diffusion")
+    _require(not m.prior_stop_grad or m.latent_prior == "diffusion",
+             "model.prior_stop_grad needs model.latent_prior diffusion (a normal prior has no network: its rate "
+             "term would train nothing)")
+    level = m.single_stage_sample_logsnr
+    if level is not None:
+        _require(m.mode == SINGLE_STAGE,
+                 f"model.single_stage_sample_logsnr applies to model.mode single_stage only (got mode {m.mode!r})")
+        _require(m.latent_logsnr_min < level <= m.latent_logsnr_0,
+                 f"model.single_stage_sample_logsnr ({level}) must be in (latent_logsnr_min, latent_logsnr_0] = "
+                 f"({m.latent_logsnr_min}, {m.latent_logsnr_0}]")
 
 
 def _validate_networks(m: ModelConfig) -> None:

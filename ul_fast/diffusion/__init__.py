@@ -4,12 +4,12 @@ from ul_fast.diffusion.math import (
     PREDICTIONS,
     alpha_sigma,
     antithetic_times,
+    clamped_logistic,
     coefficients,
     eps_from_v,
     per_example,
     prior_kl,
     sigmoid_crossover,
-    truncated_logistic,
     v_target,
     x_from_eps,
     x_from_v,
@@ -26,6 +26,6 @@ from ul_fast.diffusion.schedules import (
 
 __all__ = [
     "PREDICTIONS", "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
-    "alpha_sigma", "antithetic_times", "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl",
-    "resolution_shift", "sigmoid_crossover", "truncated_logistic", "v_target", "x_from_eps", "x_from_v",
+    "alpha_sigma", "antithetic_times", "clamped_logistic", "coefficients", "eps_from_v", "make_schedule", "per_example",
+    "prior_kl", "resolution_shift", "sigmoid_crossover", "v_target", "x_from_eps", "x_from_v",
 ]

@@ -54,12 +54,13 @@ def x_from_eps(x_t: torch.Tensor, eps: torch.Tensor, logsnr: torch.Tensor) -> to
     return (x_t - sigma * eps) / alpha
 
 
-def prior_kl(x: torch.Tensor, logsnr_min: float) -> torch.Tensor:
-    """``KL[q(x_1|x) ‖ N(0, I)]`` in nats per example, at ``λ(1) = logsnr_min``.
+def prior_kl(x: torch.Tensor, logsnr: float) -> torch.Tensor:
+    """``KL[q(x_λ|x) ‖ N(0, I)]`` in nats per example, of the noisy ``x_λ = α·x + σ·ε`` at log-SNR ``λ``.
 
-    ``½·Σ(α_1²·x² + σ_1² − log σ_1² − 1)`` summed over all but the batch dimension; fp32 ``[B]``.
+    ``½·Σ(α²·x² + σ² − log σ² − 1)`` summed over all but the batch dimension; fp32 ``[B]``. At a diffusion
+    model's ``λ(1)`` it is its ELBO's t = 1 term; at ``λ_z(0)`` it is the rate of a normal (VAE) prior.
     """
-    lam = torch.tensor(float(logsnr_min), dtype=torch.float64)
+    lam = torch.tensor(float(logsnr), dtype=torch.float64)
     alpha_sq, sigma_sq = torch.sigmoid(lam), torch.sigmoid(-lam)
     constant = float(sigma_sq - torch.log(sigma_sq) - 1.0)
     x = x.float().reshape(x.shape[0], -1)
@@ -80,13 +81,14 @@ def sigmoid_crossover(loss_factor: float, bias: float) -> float:
     return bias + float(torch.log(torch.tensor(loss_factor - 1.0)))
 
 
-def truncated_logistic(batch: int, loc: float, upper: float, device: torch.device | str,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """``λ ~ Logistic(loc, 1)`` conditioned on ``λ ≤ upper``, by inverse CDF; fp32 ``[B]``.
+def clamped_logistic(batch: int, loc: float, upper: float, device: torch.device | str,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``λ = min(L, upper)`` with ``L ~ Logistic(loc, 1)`` drawn by inverse CDF; fp32 ``[B]``.
 
-    Its survival function ``P(λ_max ≥ λ) ∝ sigmoid(loc − λ) − sigmoid(loc − upper)`` is what turns the
-    unweighted ELBO up to a random ``λ_max`` into a sigmoid-weighted loss (Kingma & Gao 2023).
+    The mass of ``L`` above ``upper`` sits at ``upper`` (it is not renormalised away), so the survival
+    function is exactly ``P(λ ≥ l) = sigmoid(loc − l)`` for every ``l ≤ upper``: the unweighted ELBO up to
+    a random ``λ_max`` drawn this way is, in expectation, the ``sigmoid(loc − λ)``-weighted loss on
+    ``λ ≤ upper`` (Kingma & Gao 2023).
     """
-    top = torch.sigmoid(torch.tensor(upper - loc, dtype=torch.float64)).item()
-    u = (torch.rand(batch, device=device, generator=generator, dtype=torch.float64) * top).clamp_min(1e-12)
-    return (loc + torch.log(u) - torch.log1p(-u)).float()
+    u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64).clamp_min(1e-12)
+    return (loc + torch.log(u) - torch.log1p(-u)).clamp_max(upper).float()

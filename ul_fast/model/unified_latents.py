@@ -4,6 +4,12 @@ Shapes: images ``x [B, C, H, W]`` in [−1, 1]; latents ``[B, C_z, h, w]`` with 
 nats per example (summed over the example's dimensions), averaged over the batch only at the end, so the
 prior's and the decoder's terms are on one scale (the meaning of ``c_lf``, ``decoder_weighting.factor``,
 depends on it).
+
+The paper's ablations are config switches, each off by default: ``latent_prior: normal`` (a VAE's N(0, I)
+prior instead of the diffusion prior), ``decoder_loss: mse`` (a deterministic Gaussian decoder instead of the
+diffusion decoder), ``prior_stop_grad`` (the rate term does not train the encoder) and ``kl_weight`` (the rate
+term's weight); together the first two and a small ``kl_weight`` give the classic "VAE, then latent diffusion"
+baseline (preset ``vae-ldm``).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from ul_fast.config import SINGLE_STAGE, ModelConfig
 from ul_fast.diffusion import (
     LogSNRSchedule,
     antithetic_times,
+    clamped_logistic,
     make_schedule,
     prior_kl,
-    truncated_logistic,
     x_from_eps,
     x_from_v,
 )
@@ -28,6 +34,9 @@ from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
 from ul_fast.sampling import logsnr_grid, sample
 
 LN2 = math.log(2.0)
+MSE_DECODER_LOGSNR = 0.0
+"""The fixed log-SNR at which the deterministic (``decoder_loss: mse``) decoder reads its all-zero ``x_t``: a
+constant input, chosen where ``x̂`` is well scaled for both predictions (``x̂ = −v̂/√2`` or ``−ε̂``)."""
 
 
 class UnifiedLatents(nn.Module):
@@ -36,6 +45,8 @@ class UnifiedLatents(nn.Module):
 
     One number, ``latent_logsnr_0`` (λ_z(0)), sets both the encoder's output noise and the top of the
     prior's and base model's schedules; it is read from the config in one place and cannot drift.
+    ``latent_prior: normal`` builds no prior network (``prior`` is None): the latent's rate is then
+    ``KL[q(z_0|x) ‖ N(0, I)]``.
     """
 
     def __init__(self, config: ModelConfig):
@@ -44,8 +55,11 @@ class UnifiedLatents(nn.Module):
         self.single_stage = c.mode == SINGLE_STAGE
         self.encoder = ResNetEncoder(c.encoder, image_channels=c.image_channels, latent_channels=c.latent_channels)
         self.latent_size = c.image_size // self.encoder.downsample_factor
-        self.prior = None  # single-stage mode has no separate prior: the base model is trained in its place
-        if not self.single_stage:
+        self.normal_prior = c.latent_prior == "normal"
+        self.mse_decoder = c.decoder_loss == "mse"
+        # No prior network in single-stage mode (the base model is trained in its place) or with a normal prior.
+        self.prior = None
+        if not self.single_stage and not self.normal_prior:
             self.prior = ViTDenoiser(c.prior, channels=c.latent_channels, grid=self.latent_size)
         self.base = ViTDenoiser(c.base, channels=c.latent_channels, grid=self.latent_size,
                                 num_classes=c.num_classes, context_dim=c.context_dim)
@@ -57,19 +71,32 @@ class UnifiedLatents(nn.Module):
                                              c.pixel_low_snr_base_resolution)
         self.pixel_schedule = make_schedule(c.pixel_schedule, c.pixel_logsnr_min, c.pixel_logsnr_max,
                                             c.image_size, c.pixel_base_resolution, c.pixel_low_snr_base_resolution)
+        # The latent's log-SNR at sampling: λ_z(0), or single_stage_sample_logsnr; the base model (or prior)
+        # samples down to it, and the decoder receives the latent at it.
+        self.sample_logsnr = c.latent_logsnr_0
+        self.sample_schedule = self.latent_schedule
+        if c.single_stage_sample_logsnr is not None and c.single_stage_sample_logsnr < c.latent_logsnr_0:
+            self.sample_logsnr = c.single_stage_sample_logsnr
+            self.sample_schedule = make_schedule(c.latent_schedule, c.latent_logsnr_min, self.sample_logsnr,
+                                                 self.latent_size, c.pixel_base_resolution,
+                                                 c.pixel_low_snr_base_resolution)
 
     # ----------------------------------------------------------------------------- networks per stage
     NETWORKS = ("encoder", "prior", "decoder", "base")
-    """Attribute names of every network the model may hold (``prior`` is None in single-stage mode)."""
+    """Attribute names of every network the model may hold (``prior`` is None in single-stage mode and with
+    ``latent_prior: normal``)."""
 
     def trained_networks(self, stage: int) -> tuple[str, ...]:
         """Names of the networks that ``stage`` (1 or 2) trains; the others stay frozen.
 
-        Two-stage: stage 1 trains encoder, prior and decoder; stage 2 the base model alone. Single-stage:
-        stage 1 trains encoder, base model and decoder together, and there is no stage 2.
+        Two-stage: stage 1 trains encoder, prior and decoder (encoder and decoder alone with a normal prior);
+        stage 2 the base model alone. Single-stage: stage 1 trains encoder, base model and decoder together,
+        and there is no stage 2.
         """
         if stage == 1:
-            return ("encoder", "base", "decoder") if self.single_stage else ("encoder", "prior", "decoder")
+            if self.single_stage:
+                return ("encoder", "base", "decoder")
+            return ("encoder", "decoder") if self.normal_prior else ("encoder", "prior", "decoder")
         if stage == 2 and not self.single_stage:
             return ("base",)
         raise ValueError(f"stage must be 1 or 2 (single-stage models have stage 1 only), got {stage}")
@@ -118,12 +145,13 @@ class UnifiedLatents(nn.Module):
         return self.encoder(x)
 
     def noisy_latent(self, z_clean: torch.Tensor, seed: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """``z_0 = α_0·z_clean + σ_0·ε`` at ``λ_z(0)``."""
+                     generator: torch.Generator | None = None, logsnr: float | None = None) -> torch.Tensor:
+        """``z_0 = α_0·z_clean + σ_0·ε`` at ``λ_z(0)`` (or at ``logsnr``)."""
         if seed is None:
             seed = ops.draw_seed(z_clean.device, generator)
-        logsnr = torch.full((z_clean.shape[0],), self.latent_logsnr_0, device=z_clean.device)
-        return ops.noise_inject(z_clean, logsnr, seed)[0]
+        level = self.latent_logsnr_0 if logsnr is None else logsnr
+        logsnrs = torch.full((z_clean.shape[0],), level, device=z_clean.device)
+        return ops.noise_inject(z_clean, logsnrs, seed)[0]
 
     def _diffusion_term(self, net: nn.Module, clean: torch.Tensor, schedule: LogSNRSchedule,
                         generator: torch.Generator | None, *, loss_factor: float = 1.0, bias: float | None = None,
@@ -145,49 +173,116 @@ class UnifiedLatents(nn.Module):
         return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
                                   loss_factor=loss_factor, bias=bias)
 
+    def latent_nats(self, x: torch.Tensor, network: str = "prior", labels: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent's rate, per example in nats (fp32 ``[B]``): how many nats ``z_0`` of ``z_clean = E(x)``
+        costs under the prior (``network="prior"``) or the base model (``"base"``).
+
+        A diffusion model's rate is its **unweighted** ELBO of ``z_clean`` on ``[λ_z(1), λ_z(0)]`` plus the
+        t = 1 KL: an upper bound on ``KL[q(z_0|x) ‖ p(z_0)]``. ``"prior"`` is exactly the ``L_z`` of
+        :meth:`stage1_loss` (with a normal prior the closed-form ``KL[q(z_0|x) ‖ N(0, I)]``, nothing drawn).
+        ``"base"`` is the paper's Tab. 5 "bits under the base model", with the conditioning given (none
+        dropped; none given = the null condition); in single-stage mode it is the rate of the latent the decoder
+        receives at sampling (at ``λ_z(0)``, or truncated at ``single_stage_sample_logsnr``), comparable with a
+        two-stage run's prior rate. bits/pixel = ``latent_nats / ln 2 / (H·W)``.
+        """
+        if network not in ("prior", "base"):
+            raise ValueError(f"network must be 'prior' or 'base', got {network!r}")
+        if network == "prior" and self.single_stage:
+            raise ValueError("single-stage models have no separate prior: use network='base'")
+        conditioning = {"labels": labels, "context": context, "pooled": pooled} if network == "base" else {}
+        max_logsnr = None
+        if network == "base" and self.sample_logsnr < self.latent_logsnr_0:
+            max_logsnr = torch.full((x.shape[0],), self.sample_logsnr, device=x.device)
+        z_clean = self.encode(x)
+        kl = self._rate_kl(z_clean, network)
+        return self._latent_rate(z_clean, kl, network, generator, max_logsnr, **conditioning)
+
+    def _rate_kl(self, z_clean: torch.Tensor, network: str) -> torch.Tensor:
+        """The closed-form part of the latent's rate, per example in nats ``[B]``: all of it for a normal prior,
+        ``KL[q(z_0|x) ‖ N(0, I)]`` at ``λ_z(0)``; else the diffusion ELBO's t = 1 KL at ``λ_z(1)``."""
+        if network == "prior" and self.normal_prior:
+            return prior_kl(z_clean, self.latent_logsnr_0)
+        return prior_kl(z_clean, self.config.latent_logsnr_min)
+
+    def _latent_rate(self, z_clean: torch.Tensor, kl: torch.Tensor, network: str,
+                     generator: torch.Generator | None, max_logsnr: torch.Tensor | None = None, **conditioning,
+                     ) -> torch.Tensor:
+        """The latent's rate per example in nats ``[B]`` (see :meth:`latent_nats`) given its :meth:`_rate_kl`
+        ``kl``: ``kl`` plus, for a diffusion model, its ELBO's integral (``max_logsnr [B]`` truncates it)."""
+        if network == "prior" and self.normal_prior:
+            return kl
+        net = self.prior if network == "prior" else self.base
+        return self._diffusion_term(net, z_clean, self.latent_schedule, generator, max_logsnr=max_logsnr,
+                                    **conditioning) + kl
+
+    def _decoder_loss(self, x: torch.Tensor, z_0: torch.Tensor, generator: torch.Generator | None,
+                      latent_logsnr: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's loss ``L_x`` per example in nats ``[B]``: the ``decoder_weighting``-weighted diffusion
+        loss, or (``decoder_loss: mse``) the Gaussian negative log-likelihood ``−log N(x; x̂, s²·I)
+        = ½·‖x − x̂‖²/s² + D·log(s·√(2π))`` of the one-pass mean ``x̂`` with ``s = mse_decoder_scale``."""
+        if self.mse_decoder:
+            scale = self.config.mse_decoder_scale
+            squared = (x.float() - self._decoder_mean(z_0, latent_logsnr)).square().flatten(1).sum(1)
+            return 0.5 * squared / scale**2 + x[0].numel() * math.log(scale * math.sqrt(2.0 * math.pi))
+        weighting = self.config.decoder_weighting
+        latent_inputs = {} if latent_logsnr is None else {"latent_logsnr": latent_logsnr}
+        return self._diffusion_term(self.decoder, x, self.pixel_schedule, generator, loss_factor=weighting.factor,
+                                    bias=weighting.bias, z_0=z_0, **latent_inputs)
+
+    def _decoder_mean(self, z_0: torch.Tensor, latent_logsnr: torch.Tensor | None) -> torch.Tensor:
+        """The deterministic decoder's ``x̂ [B, C, H, W]`` (fp32): one pass with ``x_t = 0`` at the fixed log-SNR
+        :data:`MSE_DECODER_LOGSNR`, read as the config's ``prediction``."""
+        x_t = torch.zeros((z_0.shape[0], *self.image_shape), device=z_0.device)
+        logsnr = torch.full((z_0.shape[0],), MSE_DECODER_LOGSNR, device=z_0.device)
+        return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
+
     def stage1_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                     pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     ) -> dict[str, torch.Tensor]:
-        """Stage-1 loss: the joint ``L = L_z + L_x`` of encoder, prior (or base model) and decoder.
+        """Stage-1 loss: the joint ``L = kl_weight·L_z + L_x`` of encoder, prior (or base model) and decoder.
 
         x: images ``[B, C, H, W]`` in [−1, 1]; labels ``[B]``, text ``context [B, T, E]`` and ``pooled
         [B, E]``: optional conditioning, read in single-stage mode only (dropped per example with probability
         ``label_dropout`` for guidance); generator: drives every random draw.
 
-        Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image: unweighted prior ELBO
-        on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the latent's information);
-        ``prior_kl``; ``decoder_loss`` (``L_x``, weighted by ``decoder_weighting``); ``bits_per_pixel``
-        (``L_z / ln 2 / (H·W)``); ``bits_per_latent_dim``.
+        Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image, :meth:`latent_nats`
+        ``"prior"``: the unweighted prior ELBO on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the
+        latent's information; with a normal prior ``KL[q(z_0|x) ‖ N(0, I)]``); ``prior_kl`` (the t = 1 KL;
+        with a normal prior all of ``L_z``); ``decoder_loss`` (``L_x``: weighted by ``decoder_weighting``, or
+        the mse decoder's Gaussian NLL); ``bits_per_pixel`` (``L_z / ln 2 / (H·W)``); ``bits_per_latent_dim``.
+        ``prior_stop_grad``: ``L_z`` sees ``z_clean`` detached, so only the decoder's term trains the encoder.
 
         Single-stage mode (paper App. B): each example's latent noise level is drawn,
-        ``λ_max ~ Logistic(b_base, 1)`` (``b_base`` = ``base_bias``) truncated at ``λ_z(0)``; the decoder
-        sees the latent at that level (and the level itself), and ``L_z`` is the base model's unweighted
-        ELBO of it, truncated at ``λ_max``. Its expectation over ``λ_max`` is the base model's
-        sigmoid-weighted loss.
+        ``λ_max ~ Logistic(b_base, 1)`` (``b_base`` = ``base_bias``) clamped at ``λ_z(0)`` (the mass above sits
+        at ``λ_z(0)``); the decoder sees the latent at that level (and the level itself), and ``L_z`` is the base
+        model's unweighted ELBO of it, truncated at ``λ_max``. As ``P(λ_max ≥ λ) = sigmoid(b_base − λ)`` for
+        every ``λ ≤ λ_z(0)``, its expectation over ``λ_max`` is exactly the base model's sigmoid-weighted loss.
+        ``bits_per_pixel`` is then that truncated ELBO's, not the rate of the latent decoded at sampling
+        (``λ_z(0)``): that one is :meth:`latent_nats` ``"base"``, which the trainer's evaluation reports.
         """
         z_clean = self.encode(x)
-        latent_kl = prior_kl(z_clean, self.config.latent_logsnr_min)
+        rate_input = z_clean.detach() if self.config.prior_stop_grad else z_clean
+        rate_network = "base" if self.single_stage else "prior"
+        # The KL before z_0: this fixes the order in which gradients reach z_clean (and so their rounding).
+        latent_kl = self._rate_kl(rate_input, rate_network)
+        latent_logsnr, conditioning = None, {}
         if self.single_stage:
-            latent_logsnr = truncated_logistic(x.shape[0], self.config.base_bias, self.latent_logsnr_0, x.device,
-                                               generator)
+            latent_logsnr = clamped_logistic(x.shape[0], self.config.base_bias, self.latent_logsnr_0, x.device,
+                                             generator)
             z_0 = ops.noise_inject(z_clean, latent_logsnr, ops.draw_seed(x.device, generator))[0]
             if any(c is not None for c in (labels, context, pooled)):
                 labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
-            prior_nats = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator,
-                                              max_logsnr=latent_logsnr, labels=labels, context=context,
-                                              pooled=pooled) + latent_kl
-            decoder_inputs = {"z_0": z_0, "latent_logsnr": latent_logsnr}
+            conditioning = {"labels": labels, "context": context, "pooled": pooled}
         else:
             z_0 = self.noisy_latent(z_clean, generator=generator)
-            prior_nats = self._diffusion_term(self.prior, z_clean, self.latent_schedule, generator) + latent_kl
-            decoder_inputs = {"z_0": z_0}
-        weighting = self.config.decoder_weighting
-        decoder_loss = self._diffusion_term(self.decoder, x, self.pixel_schedule, generator,
-                                            loss_factor=weighting.factor, bias=weighting.bias, **decoder_inputs)
+        prior_nats = self._latent_rate(rate_input, latent_kl, rate_network, generator, latent_logsnr, **conditioning)
+        decoder_loss = self._decoder_loss(x, z_0, generator, latent_logsnr)
         prior_mean = prior_nats.mean()
         pixels = self.config.image_size * self.config.image_size
         return {
-            "loss": prior_mean + decoder_loss.mean(),
+            "loss": self.config.kl_weight * prior_mean + decoder_loss.mean(),
             "prior_nats": prior_mean.detach(),
             "prior_kl": latent_kl.mean().detach(),
             "decoder_loss": decoder_loss.mean().detach(),
@@ -235,10 +330,13 @@ class UnifiedLatents(nn.Module):
     def decode(self, z_0: torch.Tensor, steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max, then one final
-        denoising step; clamped to [−1, 1]."""
+        denoising step; clamped to [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler`` and
+        ``generator`` unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``."""
         latent_logsnr = None
-        if self.single_stage:  # sampled latents stop at λ_z(0)
-            latent_logsnr = torch.full((z_0.shape[0],), self.latent_logsnr_0, device=z_0.device)
+        if self.single_stage:  # sampled latents stop at sample_logsnr (λ_z(0) unless configured)
+            latent_logsnr = torch.full((z_0.shape[0],), self.sample_logsnr, device=z_0.device)
+        if self.mse_decoder:
+            return self._decoder_mean(z_0, latent_logsnr).clamp(-1.0, 1.0)
 
         def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
@@ -252,9 +350,9 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddim",
                     generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Encode, add the fixed latent noise, decode by diffusion sampling."""
-        return self.decode(self.noisy_latent(self.encode(x), generator=generator), steps, sampler, generator,
-                           progress)
+        """Encode, add the latent noise of ``sample_logsnr`` (λ_z(0) unless configured), decode."""
+        z_0 = self.noisy_latent(self.encode(x), generator=generator, logsnr=self.sample_logsnr)
+        return self.decode(z_0, steps, sampler, generator, progress)
 
     @torch.no_grad()
     def sample_latents(self, n: int, steps: int = 32, sampler: str = "ddim", labels: torch.Tensor | None = None,
@@ -262,18 +360,21 @@ class UnifiedLatents(nn.Module):
                        guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                        use_prior: bool = False, generator: torch.Generator | None = None,
                        progress: bool = False) -> torch.Tensor:
-        """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)``.
+        """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)`` (single-stage:
+        at ``sample_logsnr``). A normal prior (``latent_prior: normal``) draws ``z_0 ~ N(0, I)``.
 
         Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
         ``guidance_interval`` and a condition is given.
         """
         device = next(self.parameters()).device
         conditional = any(t is not None for t in (labels, context, pooled))
+        if use_prior and self.single_stage:
+            raise ValueError("single-stage models have no separate prior: sample the base model")
+        if use_prior and self.normal_prior:
+            return torch.randn((n, *self.latent_shape), device=device, generator=generator)
 
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
-                if self.prior is None:
-                    raise ValueError("single-stage models have no separate prior: sample the base model")
                 return self._to_denoised(z_t, self.prior(z_t, logsnr), logsnr)
             cond = self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
             lam = float(logsnr[0])
@@ -286,7 +387,7 @@ class UnifiedLatents(nn.Module):
             return uncond + guidance * (cond - uncond)
 
         z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
-        return sample(sampler, denoise, z, logsnr_grid(self.latent_schedule, steps), generator,
+        return sample(sampler, denoise, z, logsnr_grid(self.sample_schedule, steps), generator,
                       disable=not progress)
 
     @torch.no_grad()

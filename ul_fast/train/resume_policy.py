@@ -20,6 +20,7 @@ CHANGEABLE_ON_RESUME = (
     "train.lr", "train.base_lr", "train.warmup_steps", "train.grad_clip", "train.weight_decay",
     "train.device",  # the same computation on another machine (torchrun sets it per rank)
     "sample.",
+    "model.single_stage_sample_logsnr",  # where single-stage sampling stops: read only when sampling
 )
 
 
@@ -50,4 +51,5 @@ def check_resume_changes(changes: dict[str, dict[str, Any]], stage: int = 1) -> 
     if refused:
         raise ConfigError(f"these keys cannot change on --resume: {', '.join(refused)} (allowed: schedule "
                           "lengths, logging/eval/checkpoint cadence, train.lr/base_lr/warmup_steps/grad_clip/"
-                          "weight_decay/max_bad_steps, sample.*); start a new run for the others")
+                          "weight_decay/max_bad_steps, sample.*, model.single_stage_sample_logsnr); start a new run "
+                          "for the others")

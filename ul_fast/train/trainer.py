@@ -320,17 +320,25 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, grid_paths: tuple[Path, ...] = ()) -> dict[str, float]:
-        """Held-out bits/pixel (fixed noise) and PSNR of diffusion-sampled reconstructions (EMA weights);
-        the (original, reconstruction) pairs are written to each of ``grid_paths``."""
+        """Held-out bits/pixel (fixed noise) and PSNR of reconstructions (EMA weights); the (original,
+        reconstruction) pairs are written to each of ``grid_paths``.
+
+        Bits/pixel are the rate of the latent the decoder receives at sampling, :meth:`UnifiedLatents.latent_nats`
+        of up to 1,024 test images: under the prior (two-stage), or under the (unconditional) base model in
+        single-stage mode, whose training ``bits_per_pixel`` is truncated at each example's random ``λ_max``;
+        so both modes report the same quantity."""
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(1234)
+        network = "base" if model.single_stage else "prior"
         with self._autocast():
-            bits = [float(model.stage1_loss(self.test_data.images[i:i + 256].to(self.device), generator=generator)
-                          ["bits_per_pixel"]) for i in range(0, min(len(self.test_data), 1024), 256)]
+            nats = torch.cat([model.latent_nats(self.test_data.images[i:i + 256].to(self.device), network,
+                                                generator=generator)
+                              for i in range(0, min(len(self.test_data), 1024), 256)])
             recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator).float()
         for path in grid_paths:
             save_grid(side_by_side(self.eval_images, recon), path, columns=8)
-        return {"heldout_bits_per_pixel": sum(bits) / len(bits),
+        pixels = self.config.model.image_size ** 2
+        return {"heldout_bits_per_pixel": float(nats.mean()) / math.log(2.0) / pixels,
                 "psnr": float(psnr(recon, self.eval_images).mean())}
 
     @torch.no_grad()
