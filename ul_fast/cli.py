@@ -1,4 +1,4 @@
-"""``ul-fast`` command line: train, sample, plot, info.
+"""``ul-fast`` command line: train, sample, eval, plot, info.
 
 A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
 and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
@@ -128,6 +128,34 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples to {args.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from ul_fast.data import load_dataset
+    from ul_fast.devices import resolve_device
+    from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table, write_json
+    from ul_fast.train import load_trained_model
+    from ul_fast.train.preflight import check_device
+
+    check_device(args.device, "--device")
+    device = resolve_device(args.device)
+    config, model = load_trained_model(args.run, device)
+    m, s = config.model, config.sample
+    check_features(args.features, m.image_channels)  # before the data is read
+    train_data = load_dataset(config.data.dataset, "train", m.image_size, m.image_channels)
+    test_data = load_dataset(config.data.dataset, "test", m.image_size, m.image_channels)
+    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
+                            latent_steps=args.latent_steps or s.latent_steps,
+                            decoder_steps=args.decoder_steps or s.decoder_steps,
+                            guidance=s.guidance if args.guidance is None else args.guidance,
+                            guidance_interval=tuple(s.guidance_interval), seed=args.seed,
+                            base_trained=_base_model_trained(args.run), features=args.features,
+                            progress=not args.no_progress)
+    for note in result["notes"]:
+        print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
+    path = write_json(Path(args.run) / EVAL_FILE, {"run": str(args.run), "dataset": config.data.dataset, **result})
+    print(format_table(result))
+    print(f"wrote {path}")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from ul_fast.eval.plot import plot_run
 
@@ -236,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
     sample.add_argument("--no-progress", action="store_true", help="no progress bars")
     sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser(
+        "eval", parents=[common], help="measure a run: rFD, gFD, KID, PSNR, bits/pixel (writes RUN/eval.json)",
+        description="Evaluate a run's newest checkpoint (EMA weights) on N held-out images: Fréchet distance and "
+                    "KID of their reconstructions (rFD) and of N base-model samples against the training set (gFD), "
+                    "the reconstructions' PSNR, and bits/pixel of their latents under the prior and under the base "
+                    "model. Prints a table and writes RUN/eval.json.")
+    evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    evaluate.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
+                          help="N: held-out images to reconstruct and images to sample (default 1000; at most "
+                               "the test split's size)")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    evaluate.add_argument("--latent-steps", type=_positive_int, metavar="K",
+                          help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
+    evaluate.add_argument("--decoder-steps", type=_positive_int, metavar="K",
+                          help="sampling steps of the decoder (default: the run's sample.decoder_steps)")
+    evaluate.add_argument("--guidance", type=_non_negative_float, metavar="W",
+                          help="classifier-free guidance scale of the samples, 1 = none (default: the run's "
+                               "sample.guidance)")
+    evaluate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random draw (default 0)")
+    evaluate.add_argument("--features", default="fmnist", metavar="NAME",
+                          help="feature network of FD and KID: fmnist, the Fashion-MNIST classifier shipped with "
+                               "ul-fast, for grayscale data (default fmnist)")
+    evaluate.add_argument("--device", type=_device, default="auto",
+                          help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=_eval)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
                           description="Draw a run's training curves from its metrics.jsonl (needs ul-fast[plot]).")

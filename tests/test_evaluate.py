@@ -1,0 +1,113 @@
+"""``ul-fast eval`` on micro runs: eval.json holds every metric, finite; the same --seed gives the same numbers;
+a run without a trained base model still gets rFD, PSNR and prior bits/pixel; misuse is one line."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ul_fast import cli
+from ul_fast.data import load_dataset
+from ul_fast.eval.evaluate import EVAL_FILE
+from ul_fast.train import Trainer
+
+from micro import micro_config
+
+EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
+KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "guidance", "seed", "features",
+        "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
+        "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s"}
+METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
+           "bits_per_pixel_base")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Micro runs on 400 training and 64 test images of the embedded Fashion-MNIST (so the training set's
+    features are quick): ``full`` (both stages) and ``stage1`` (stage 2 never ran: no trained base model)."""
+    folder = tmp_path_factory.mktemp("eval")
+    splits = {split: load_dataset("fmnist-embedded", split, image_size=16) for split in ("train", "test")}
+    arrays = {}
+    for split, count in (("train", 400), ("test", 64)):
+        arrays[f"{split}_images"] = ((splits[split].images[:count, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+        arrays[f"{split}_labels"] = splits[split].labels[:count].numpy()
+    np.savez(folder / "small.npz", **arrays)
+    train_run(folder / "full", stage2_steps=2)
+    train_run(folder / "stage1", stage2_steps=0)
+    return folder
+
+
+def train_run(run, stage2_steps: int, **model) -> None:
+    """A 2-step micro run in ``run`` on ``run.parent / "small.npz"``."""
+    config = micro_config(model=model, data={"dataset": f"array:{run.parent / 'small.npz'}"},
+                          train={"stage1_steps": 2, "stage2_steps": stage2_steps, "eval_every": 1000,
+                                 "checkpoint_every": 1000})
+    Trainer(config, run).fit()
+
+
+def evaluate(run, capsys, *options: str) -> tuple[dict, str, str]:
+    """``ul-fast eval --run RUN EVAL OPTIONS`` → (eval.json, stdout, stderr)."""
+    cli.main(["eval", "--run", str(run), *EVAL, *options])
+    out, err = capsys.readouterr()
+    return json.loads((run / EVAL_FILE).read_text()), out, err
+
+
+def test_eval_writes_every_metric(runs, capsys):
+    result, out, err = evaluate(runs / "full", capsys, "--seed", "3")
+    assert set(result) == KEYS
+    for key in METRICS:
+        assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
+    assert result["rfd"] >= 0 and result["gfd"] >= 0 and result["bits_per_pixel_prior"] > 0
+    assert (result["samples"], result["latent_steps"], result["decoder_steps"], result["seed"]) == (16, 2, 2, 3)
+    assert result["reference_images"] == 400 and result["base_model_trained"] and result["notes"] == []
+    assert set(result["versions"]) == {"ul_fast", "torch", "python"}
+    assert "gFD" in out and "wrote" in out and err == ""
+    assert [p.name for p in runs.joinpath("full").iterdir() if p.name.startswith(f".{EVAL_FILE}")] == []
+
+
+@pytest.mark.slow
+def test_eval_is_deterministic_under_its_seed(runs, capsys):
+    first, _, _ = evaluate(runs / "full", capsys, "--seed", "5")
+    again, _, _ = evaluate(runs / "full", capsys, "--seed", "5")
+    other, _, _ = evaluate(runs / "full", capsys, "--seed", "6")
+    assert {k: first[k] for k in METRICS} == {k: again[k] for k in METRICS}
+    assert first["gfd"] != other["gfd"] and first["psnr"] != other["psnr"]
+
+
+def test_a_run_without_a_trained_base_model_gets_reconstruction_metrics_and_a_note(runs, capsys):
+    result, out, err = evaluate(runs / "stage1", capsys)
+    assert result["gfd"] is None and result["gkid"] is None and result["bits_per_pixel_base"] is None
+    assert all(math.isfinite(result[k]) for k in ("rfd", "rkid", "psnr", "bits_per_pixel_prior"))
+    assert not result["base_model_trained"] and "stage 2 has not run" in result["notes"][0]
+    assert err.startswith("ul-fast: note: ") and "stage 2 has not run" in err
+    assert "n/a" in out
+
+
+@pytest.mark.slow
+def test_a_single_stage_run_gets_base_model_bits_and_a_note(runs, capsys):
+    train_run(runs / "single", stage2_steps=0, mode="single_stage")
+    result, _, err = evaluate(runs / "single", capsys)
+    assert result["bits_per_pixel_prior"] is None and "single-stage" in result["notes"][0] and "single-stage" in err
+    assert all(math.isfinite(result[k]) for k in ("rfd", "psnr", "gfd", "gkid", "bits_per_pixel_base"))
+
+
+def _one_line_error(capsys, argv: list[str], *words: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ul-fast: error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_misuse_is_one_line(runs, tmp_path, capsys):
+    run = str(runs / "stage1")
+    _one_line_error(capsys, ["eval", "--run", run, "--samples", "65"], "--samples 65", "64 held-out")
+    _one_line_error(capsys, ["eval", "--run", run, "--samples", "1"], "at least 2")
+    _one_line_error(capsys, ["eval", "--run", run, "--features", "inception:/x.pth"], "not implemented yet")
+    _one_line_error(capsys, ["eval", "--run", run, "--features", "clip"], "unknown --features 'clip'")
+    _one_line_error(capsys, ["eval", "--run", str(tmp_path / "nothing")], "not a ul_fast run folder")
+    _one_line_error(capsys, ["eval", "--run", run, "--samples", "0"], "--samples")

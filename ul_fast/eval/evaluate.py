@@ -1,0 +1,235 @@
+"""Evaluating a trained model: rFD, gFD, KID, PSNR and held-out bits/pixel, as one JSON-ready record.
+
+:func:`evaluate_model` takes a loaded model and its data sets, so it stays below the training layer; the
+command line (``ul-fast eval``) loads a run's newest checkpoint, calls it, prints :func:`format_table` and
+writes ``RUN/eval.json`` with :func:`write_json`.
+
+The measures (N = ``samples``; the first N held-out images, so every evaluation of a data set sees the same):
+
+* **rFD / rKID**: Fréchet distance and KID between the features of the N images and of their
+  reconstructions (encode → noisy latent at λ_z(0) → decoder sampling); **PSNR**: their mean PSNR in dB.
+* **gFD / gKID**: N base-model samples against the whole training set (class-balanced for class-conditional
+  runs: image i gets class ``i % num_classes``; text runs each class's first caption in turn).
+* **bits/pixel** of the N images' latents: under the stage-1 prior (its ``L_z``, as the trainer reports) and
+  under the base model (the same unweighted latent ELBO with the base model as the prior: the paper's Tab. 5
+  column); ``nats / ln 2 / (H·W)``, averaged over the images.
+
+Every random draw comes from a generator seeded by ``seed``, one per measure, so the numbers are reproducible
+and one measure's draws do not depend on whether another ran.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ul_fast.data import Conditioning, ImageArrayDataset
+from ul_fast.eval.feature_net import load_fmnist_classifier
+from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
+from ul_fast.eval.images import psnr
+
+if TYPE_CHECKING:  # a type only: the model is passed in, loaded by the caller
+    from ul_fast.model import UnifiedLatents
+
+__all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "write_json"]
+
+EVAL_FILE = "eval.json"
+FEATURES = ("fmnist",)
+"""Feature networks :func:`evaluate_model` accepts: ``fmnist``, the Fashion-MNIST classifier (grayscale)."""
+NO_BASE_MODEL_NOTE = ("no trained base model (stage 2 has not run): gFD, gKID and base-model bits/pixel are left "
+                      "out; rFD, rKID, PSNR and prior bits/pixel are given")
+SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixel is given under the base model "
+                     "only")
+
+
+def check_features(features: str, image_channels: int) -> None:
+    """Raise ValueError unless ``features`` names a feature network for images with ``image_channels``."""
+    if features.startswith("inception"):
+        raise ValueError(f"--features {features}: Inception-v3 features (for RGB data) are not implemented yet; "
+                         f"available: {', '.join(FEATURES)}")
+    if features not in FEATURES:
+        raise ValueError(f"unknown --features {features!r}; available: {', '.join(FEATURES)}")
+    if image_channels != 1:
+        raise ValueError(f"--features fmnist is a grayscale (Fashion-MNIST) network, but this run's images have "
+                         f"{image_channels} channels; Inception-v3 features for RGB data are not implemented yet")
+
+
+def _in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_size: int, description: str,
+                progress: bool) -> torch.Tensor:
+    """``function(start, stop)`` over ``[0, total)`` in batches, concatenated along dim 0, with a progress bar."""
+    parts = []
+    with tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            parts.append(function(start, stop))
+            bar.update(stop - start)
+    return torch.cat(parts)
+
+
+def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_subset_size: int,
+                seed: int) -> dict[str, float]:
+    """``{"fd", "kid", "kid_se"}`` of two feature sets ``[N, D]``, KID rows drawn from a CPU generator."""
+    fd = frechet_distance(*feature_statistics(reference), *feature_statistics(features))
+    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_subset_size,
+                                            torch.Generator().manual_seed(seed))
+    return {"fd": fd, "kid": kid, "kid_se": kid_se}
+
+
+def _software_versions() -> dict[str, str]:
+    try:
+        ul_fast_version = importlib.metadata.version("ul-fast")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        ul_fast_version = "unknown"
+    return {"ul_fast": ul_fast_version, "torch": torch.__version__, "python": platform.python_version()}
+
+
+@torch.no_grad()
+def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
+                   samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
+                   guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
+                   seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
+                   kid_subsets: int = 100, kid_subset_size: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
+
+    train_data / test_data: the run's data at the model's image size. base_trained: whether the base model
+    has trained (False for a two-stage run whose stage 2 never ran: then no gFD, gKID or base-model bits/pixel,
+    and ``notes`` says so). Images are reconstructed, sampled and embedded ``batch_size`` at a time; the
+    numbers are a function of ``seed``, ``batch_size`` and the device.
+
+    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``guidance``,
+    ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
+    ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
+    ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
+    ``elapsed_s``. A measure that does not apply is None. FD and KID are in squared feature units.
+    """
+    start_time = time.perf_counter()
+    config = model.config
+    check_features(features, config.image_channels)
+    if samples < 2:
+        raise ValueError(f"--samples must be at least 2 (Fréchet distance needs a covariance), got {samples}")
+    if samples > len(test_data):
+        raise ValueError(f"--samples {samples} is more than the {len(test_data)} held-out images of "
+                         f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
+    device = next(model.parameters()).device
+    feature_net = load_fmnist_classifier(device)
+
+    def embed(images: torch.Tensor, description: str) -> torch.Tensor:
+        return _in_batches(lambda a, b: feature_net.features(images[a:b].to(device)).double().cpu(), len(images),
+                           batch_size, description, progress)
+
+    def generator(offset: int) -> torch.Generator:
+        return torch.Generator(device).manual_seed(seed + offset)
+
+    notes = [] if base_trained else [NO_BASE_MODEL_NOTE]
+    if model.single_stage:
+        notes.append(SINGLE_STAGE_NOTE)
+    originals = test_data.images[:samples]
+    pixels = config.image_size * config.image_size
+
+    # 1. Reconstructions: rFD, rKID, PSNR.
+    recon_generator = generator(0)
+    reconstructions = _in_batches(
+        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator).float()
+        .cpu(), samples, batch_size, "reconstructing", progress)
+    original_features = embed(originals, "features (held-out)")
+    reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
+                                 kid_subsets, kid_subset_size, seed)
+    mean_psnr = float(psnr(reconstructions, originals).mean())
+
+    # 2. Held-out bits/pixel of the same images' latents, under the prior and under the base model.
+    conditioning = Conditioning(config, device, train_data, seed=seed)
+    labels = test_data.labels[:samples] if test_data.labels is not None else None
+
+    def bits_per_pixel(network: str, offset: int) -> float:
+        nats_generator = generator(offset)
+
+        def nats(a: int, b: int) -> torch.Tensor:
+            inputs = {}
+            if network == "base" and labels is not None and conditioning.grid_classes:
+                inputs = conditioning.for_batch(labels[a:b].to(device))
+            return model.latent_nats(originals[a:b].to(device), network=network, generator=nats_generator,
+                                     **inputs).double().cpu()
+
+        return float(_in_batches(nats, samples, batch_size, f"bits/pixel ({network})", progress).mean()) / (
+            math.log(2) * pixels)
+
+    bpp_prior = None if model.single_stage else bits_per_pixel("prior", 1)
+    bpp_base = bits_per_pixel("base", 2) if base_trained else None
+
+    # 3. Samples of the base model against the training set: gFD, gKID.
+    generation = {"fd": None, "kid": None, "kid_se": None}
+    if base_trained:
+        inputs, _ = conditioning.for_grid(samples)
+        sample_generator = generator(3)
+
+        def generate(a: int, b: int) -> torch.Tensor:
+            batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
+            return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, guidance=guidance,
+                                guidance_interval=tuple(guidance_interval), **batch_inputs).float().cpu()
+
+        generated = _in_batches(generate, samples, batch_size, "sampling", progress)
+        generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
+                                 embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
+
+    return {
+        "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
+        "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
+        "reference_images": len(train_data),
+        "rfd": reconstruction["fd"], "rkid": reconstruction["kid"], "rkid_se": reconstruction["kid_se"],
+        "psnr": mean_psnr,
+        "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
+        "bits_per_pixel_prior": bpp_prior, "bits_per_pixel_base": bpp_base,
+        "base_model_trained": base_trained, "notes": notes, "versions": _software_versions(),
+        "elapsed_s": time.perf_counter() - start_time,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics of an :func:`evaluate_model` record as an aligned text table (KID ± its standard error)."""
+
+    def number(value: float | None, error: float | None = None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.4g}" + ("" if error is None else f" ± {error:.2g}")
+
+    rows = [
+        ("rFD", number(result["rfd"])),
+        ("rKID", number(result["rkid"], result["rkid_se"])),
+        ("PSNR (dB)", number(result["psnr"])),
+        ("gFD", number(result["gfd"])),
+        ("gKID", number(result["gkid"], result["gkid_se"])),
+        ("bits/pixel (prior)", number(result["bits_per_pixel_prior"])),
+        ("bits/pixel (base model)", number(result["bits_per_pixel_base"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
+              f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps), guidance "
+              f"{result['guidance']}, seed {result['seed']}, {result['elapsed_s']:.1f} s")
+    return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
+
+
+def write_json(path: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as indented JSON to ``path`` atomically (a temporary file in the same folder, then
+    ``os.replace``), so a reader never sees half a file; returns the path."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
