@@ -11,19 +11,8 @@ from ul_fast import cli
 from ul_fast.config import preset_names
 from ul_fast.train import Trainer
 
+from cli_helpers import one_line_error
 from micro import micro_config
-
-
-def _one_line_error(capsys, argv: list[str], *words: str) -> str:
-    """Run ``ul-fast ARGV``; assert it exits with 2 after exactly one stderr line naming ``words``."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ul-fast: error: "), lines
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +31,15 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  image_size: [16\n")
     out = str(tmp_path / "new")
-    _one_line_error(capsys, ["train", "--config", str(bad), "--out", out], "bad.yaml", "invalid YAML at line")
-    _one_line_error(capsys, ["train", "--out", out, "--set", "model.image_size=[1"], "model.image_size",
+    one_line_error(capsys, ["train", "--config", str(bad), "--out", out], "bad.yaml", "invalid YAML at line")
+    one_line_error(capsys, ["train", "--out", out, "--set", "model.image_size=[1"], "model.image_size",
                     "invalid YAML")
-    _one_line_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--out", out], "nope.yaml")
-    _one_line_error(capsys, ["train", "--config", "tinyy", "--out", out], "tinyy")
-    _one_line_error(capsys, ["train", "--out", out, "--set", "train.grad_clip=-1"], "train.grad_clip")
-    _one_line_error(capsys, ["train", "--out", out, "--set", "train.stage1_steps=0", "--set",
+    one_line_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--out", out], "nope.yaml")
+    one_line_error(capsys, ["train", "--config", "tinyy", "--out", out], "tinyy")
+    one_line_error(capsys, ["train", "--out", out, "--set", "train.grad_clip=-1"], "train.grad_clip")
+    one_line_error(capsys, ["train", "--out", out, "--set", "train.stage1_steps=0", "--set",
                              "train.stage2_steps=0"], "train.stage1_steps")
-    _one_line_error(capsys, ["train", "--config", "tiny"], "--out")
+    one_line_error(capsys, ["train", "--config", "tiny"], "--out")
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 
@@ -60,9 +49,9 @@ def test_data_errors_are_one_line(tmp_path, capsys):
     micro = tmp_path / "micro.yaml"
     micro.write_text("extends: tiny\nmodel: {num_classes: 0}\n")
     out = str(tmp_path / "new")
-    _one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set",
+    one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set",
                              f"data.dataset=folder:{tmp_path / 'missing'}"], "missing")
-    _one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set", "model.image_size=16",
+    one_line_error(capsys, ["train", "--config", str(micro), "--out", out, "--set", "model.image_size=16",
                              "--set", f"data.dataset=array:{int64}"], "int64.npy", "dtype int64", "uint8")
     assert not (tmp_path / "new" / "checkpoints").exists()
 
@@ -79,14 +68,14 @@ def test_data_errors_are_one_line(tmp_path, capsys):
     (["--device", "gpu"], ("argument --device", "'gpu'")),
 ])
 def test_sample_arguments_are_checked_before_anything_loads(tmp_path, capsys, argv, words):
-    _one_line_error(capsys, ["sample", "--run", str(tmp_path / "none"), *argv], *words)
+    one_line_error(capsys, ["sample", "--run", str(tmp_path / "none"), *argv], *words)
 
 
 def test_missing_runs_and_arguments_are_one_line(tmp_path, capsys):
-    _one_line_error(capsys, ["sample", "--run", str(tmp_path / "none")], "none", "not a ul_fast run folder")
-    _one_line_error(capsys, ["plot", str(tmp_path / "none")], "none")
-    _one_line_error(capsys, ["sample"], "--run")
-    _one_line_error(capsys, ["frobnicate"], "frobnicate")
+    one_line_error(capsys, ["sample", "--run", str(tmp_path / "none")], "none", "not a ul_fast run folder")
+    one_line_error(capsys, ["plot", str(tmp_path / "none")], "none")
+    one_line_error(capsys, ["sample"], "--run")
+    one_line_error(capsys, ["frobnicate"], "frobnicate")
 
 
 def test_a_run_without_a_trained_base_model_samples_its_prior(runs, tmp_path, capsys):
@@ -97,7 +86,7 @@ def test_a_run_without_a_trained_base_model_samples_its_prior(runs, tmp_path, ca
         f"ul-fast: note: {runs / 'stage1'} has no trained base model (stage 2 has not run): sampling from its "
         "stage-1 prior, unconditionally"]
     assert grid.stat().st_size > 0
-    _one_line_error(capsys, ["sample", "--run", str(runs / "stage1"), "--label", "3", "--out", str(grid)],
+    one_line_error(capsys, ["sample", "--run", str(runs / "stage1"), "--label", "3", "--out", str(grid)],
                     "no trained base model", "--label")
 
 
@@ -107,7 +96,7 @@ def test_a_trained_run_samples_its_base_model_and_checks_the_label(runs, tmp_pat
         cli.main(["sample", "--run", str(runs / run), "-n", "2", "--out", str(grid), "--label", "4", "--no-progress"])
         assert "note" not in capsys.readouterr().err
         assert grid.stat().st_size > 0
-    _one_line_error(capsys, ["sample", "--run", str(runs / "full"), "--label", "10"], "--label must be in [0, 10)")
+    one_line_error(capsys, ["sample", "--run", str(runs / "full"), "--label", "10"], "--label must be in [0, 10)")
 
 
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
@@ -115,7 +104,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
         raise ValueError("a bad value\nover two lines")
 
     monkeypatch.setattr(cli, "_info", user_error)
-    assert _one_line_error(capsys, ["info"]) == "ul-fast: error: a bad value over two lines"
+    assert one_line_error(capsys, ["info"]) == "ul-fast: error: a bad value over two lines"
     for argv in (["--debug", "info"], ["info", "--debug"]):
         with pytest.raises(ValueError, match="a bad value"):
             cli.main(argv)

@@ -13,6 +13,7 @@ from ul_fast.data import load_dataset
 from ul_fast.eval.evaluate import EVAL_FILE
 from ul_fast.train import Trainer
 
+from cli_helpers import one_line_error
 from micro import micro_config
 
 EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
@@ -93,21 +94,11 @@ def test_a_single_stage_run_gets_base_model_bits_and_a_note(runs, capsys):
     assert all(math.isfinite(result[k]) for k in ("rfd", "psnr", "gfd", "gkid", "bits_per_pixel_base"))
 
 
-def _one_line_error(capsys, argv: list[str], *words: str) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ul-fast: error: "), lines
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-
-
 def test_misuse_is_one_line(runs, tmp_path, capsys):
     run = str(runs / "stage1")
-    _one_line_error(capsys, ["eval", "--run", run, "--samples", "65"], "--samples 65", "64 held-out")
-    _one_line_error(capsys, ["eval", "--run", run, "--samples", "1"], "at least 2")
-    _one_line_error(capsys, ["eval", "--run", run, "--features", "inception:/x.pth"], "not implemented yet")
-    _one_line_error(capsys, ["eval", "--run", run, "--features", "clip"], "unknown --features 'clip'")
-    _one_line_error(capsys, ["eval", "--run", str(tmp_path / "nothing")], "not a ul_fast run folder")
-    _one_line_error(capsys, ["eval", "--run", run, "--samples", "0"], "--samples")
+    one_line_error(capsys, ["eval", "--run", run, "--samples", "65"], "--samples 65", "64 held-out")
+    one_line_error(capsys, ["eval", "--run", run, "--samples", "1"], "at least 2")
+    one_line_error(capsys, ["eval", "--run", run, "--features", "inception:/x.pth"], "not implemented yet")
+    one_line_error(capsys, ["eval", "--run", run, "--features", "clip"], "unknown --features 'clip'")
+    one_line_error(capsys, ["eval", "--run", str(tmp_path / "nothing")], "not a ul_fast run folder")
+    one_line_error(capsys, ["eval", "--run", run, "--samples", "0"], "--samples")
