@@ -19,7 +19,8 @@ from micro import micro_config
 EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
 KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "guidance", "seed", "features",
         "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
-        "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s"}
+        "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s",
+        "kid_subsets", "kid_subset_size"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
            "bits_per_pixel_base")
 
@@ -63,6 +64,8 @@ def test_eval_writes_every_metric(runs, capsys):
     assert result["rfd"] >= 0 and result["gfd"] >= 0 and result["bits_per_pixel_prior"] > 0
     assert (result["samples"], result["latent_steps"], result["decoder_steps"], result["seed"]) == (16, 2, 2, 3)
     assert result["reference_images"] == 400 and result["base_model_trained"] and result["notes"] == []
+    # KID subsets of half the samples: subsets differ, so the standard errors are informative (not 0)
+    assert result["kid_subset_size"] == 8 and result["rkid_se"] > 0 and result["gkid_se"] > 0
     assert set(result["versions"]) == {"ul_fast", "torch", "python"}
     assert "gFD" in out and "wrote" in out and err == ""
     assert [p.name for p in runs.joinpath("full").iterdir() if p.name.startswith(f".{EVAL_FILE}")] == []

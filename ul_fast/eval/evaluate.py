@@ -99,7 +99,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                    samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
-                   kid_subsets: int = 100, kid_subset_size: int = 1000, progress: bool = True) -> dict[str, Any]:
+                   kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
+                   ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
     train_data / test_data: the run's data at the model's image size. base_trained: whether the base model
@@ -111,7 +112,9 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
     ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
-    ``elapsed_s``. A measure that does not apply is None. FD and KID are in squared feature units.
+    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``. A measure that does not apply is None. FD and KID are
+    in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
+    the set itself would all be the whole set, and KID's standard error would say nothing.
     """
     start_time = time.perf_counter()
     config = model.config
@@ -121,6 +124,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     if samples > len(test_data):
         raise ValueError(f"--samples {samples} is more than the {len(test_data)} held-out images of "
                          f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
+    if kid_subset_size is None:
+        kid_subset_size = min(1000, samples // 2)
     device = next(model.parameters()).device
     feature_net = load_fmnist_classifier(device)
 
@@ -186,6 +191,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
+        "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
         "rfd": reconstruction["fd"], "rkid": reconstruction["kid"], "rkid_se": reconstruction["kid_se"],
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
