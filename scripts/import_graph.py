@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("ul_fast.config", "ul_fast.configs")),
     ("networks", ("ul_fast.nets",)),
     ("model", ("ul_fast.model",)),
-    ("data, text, evaluation, devices", ("ul_fast.data", "ul_fast.text", "ul_fast.eval", "ul_fast.devices")),
+    ("data, text, evaluation, devices, files",
+     ("ul_fast.data", "ul_fast.text", "ul_fast.eval", "ul_fast.devices", "ul_fast.files")),
     ("training", ("ul_fast.train",)),
     ("entry points", ("ul_fast.cli", "ul_fast._build_info", "ul_fast")),
 )

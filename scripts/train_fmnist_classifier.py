@@ -34,8 +34,8 @@ from ul_fast.eval.feature_net import (  # noqa: E402
     WEIGHTS_PATH,
     FashionMNISTClassifier,
     classifier_accuracy,
-    sha256_of_file,
 )
+from ul_fast.files import sha256_of_file  # noqa: E402
 
 SHIFT = 2  # largest random translation in pixels, per axis; the uncovered border is background (-1)
 

@@ -23,8 +23,8 @@ from ul_fast.eval.feature_net import (
     FashionMNISTClassifier,
     classifier_accuracy,
     load_fmnist_classifier,
-    sha256_of_file,
 )
+from ul_fast.files import sha256_of_file
 
 REPO = Path(__file__).resolve().parents[1]
 # Measured with the shipped weights on the embedded 1000-image test subset (a class-balanced part of the

@@ -21,7 +21,6 @@ from 32x32 up to a blur.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ul_fast.data.dataset import resize_images
+from ul_fast.files import sha256_of_file
 
 __all__ = [
     "FEATURE_DIM",
@@ -39,7 +39,6 @@ __all__ = [
     "FashionMNISTClassifier",
     "classifier_accuracy",
     "load_fmnist_classifier",
-    "sha256_of_file",
 ]
 
 FEATURE_DIM = 256
@@ -101,15 +100,6 @@ class FashionMNISTClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, 10]`` (order of ``ul_fast.data.FASHION_MNIST_CLASSES``)."""
         return self.head(self.features(images))
-
-
-def sha256_of_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_fmnist_classifier(device: str | torch.device = "cpu") -> FashionMNISTClassifier:

