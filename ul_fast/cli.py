@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random draw (default 0)")
     evaluate.add_argument("--features", default="fmnist", metavar="NAME",
                           help="feature network of FD and KID: fmnist, the Fashion-MNIST classifier shipped with "
-                               "ul-fast, for grayscale data (default fmnist)")
+                               "ul-fast, for grayscale data (default); inception:PATH, the FID Inception-v3 with "
+                               "your copy of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's conventions; "
+                               "nothing is downloaded)")
     evaluate.add_argument("--device", type=_device, default="auto",
                           help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")

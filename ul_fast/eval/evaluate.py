@@ -38,31 +38,52 @@ from ul_fast.data import Conditioning, ImageArrayDataset
 from ul_fast.eval.feature_net import load_fmnist_classifier
 from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
 from ul_fast.eval.images import psnr
+from ul_fast.eval.inception import WEIGHTS_FILE_NAME as INCEPTION_WEIGHTS
+from ul_fast.eval.inception import check_fid_inception_file, load_fid_inception
 
 if TYPE_CHECKING:  # a type only: the model is passed in, loaded by the caller
     from ul_fast.model import UnifiedLatents
 
-__all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "write_json"]
+__all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "load_feature_network",
+           "write_json"]
 
 EVAL_FILE = "eval.json"
-FEATURES = ("fmnist",)
-"""Feature networks :func:`evaluate_model` accepts: ``fmnist``, the Fashion-MNIST classifier (grayscale)."""
+FEATURES = ("fmnist", "inception:PATH")
+"""Feature networks :func:`evaluate_model` accepts: ``fmnist``, the Fashion-MNIST classifier shipped with
+ul-fast (grayscale data), and ``inception:PATH``, the FID Inception-v3 with the user's copy of
+``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid's conventions; any data, grayscale repeated to RGB)."""
 NO_BASE_MODEL_NOTE = ("no trained base model (stage 2 has not run): gFD, gKID and base-model bits/pixel are left "
                       "out; rFD, rKID, PSNR and prior bits/pixel are given")
 SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixel is given under the base model "
                      "only")
+GRAYSCALE_INCEPTION_NOTE = ("grayscale images are repeated to RGB for the Inception features, as pytorch-fid's "
+                            "PIL convert('RGB') does; the Fashion-MNIST network (--features fmnist) was trained on "
+                            "this kind of data and separates its classes better")
 
 
-def check_features(features: str, image_channels: int) -> None:
-    """Raise ValueError unless ``features`` names a feature network for images with ``image_channels``."""
-    if features.startswith("inception"):
-        raise ValueError(f"--features {features}: Inception-v3 features (for RGB data) are not implemented yet; "
-                         f"available: {', '.join(FEATURES)}")
-    if features not in FEATURES:
+def check_features(features: str, image_channels: int) -> list[str]:
+    """Raise ValueError (FileNotFoundError for a missing Inception file) unless ``features`` names a feature
+    network usable on images with ``image_channels``; return the notes to report with the result."""
+    if features.startswith("inception:"):
+        check_fid_inception_file(features.removeprefix("inception:"))
+        return [GRAYSCALE_INCEPTION_NOTE] if image_channels == 1 else []
+    if features == "inception":
+        raise ValueError(f"--features inception needs the weights' path: --features inception:PATH, PATH being "
+                         f"your copy of {INCEPTION_WEIGHTS} (nothing is downloaded)")
+    if features != "fmnist":
         raise ValueError(f"unknown --features {features!r}; available: {', '.join(FEATURES)}")
     if image_channels != 1:
         raise ValueError(f"--features fmnist is a grayscale (Fashion-MNIST) network, but this run's images have "
-                         f"{image_channels} channels; Inception-v3 features for RGB data are not implemented yet")
+                         f"{image_channels} channels; use --features inception:PATH (Inception-v3, RGB)")
+    return []
+
+
+def load_feature_network(features: str, device: torch.device) -> torch.nn.Module:
+    """The network named by ``features`` (already checked by :func:`check_features`), with a
+    ``features(images [B, C, H, W] in [-1, 1]) -> [B, D]`` method."""
+    if features.startswith("inception:"):
+        return load_fid_inception(features.removeprefix("inception:"), device)
+    return load_fmnist_classifier(device)
 
 
 def _in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_size: int, description: str,
@@ -118,7 +139,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     """
     start_time = time.perf_counter()
     config = model.config
-    check_features(features, config.image_channels)
+    feature_notes = check_features(features, config.image_channels)
     if samples < 2:
         raise ValueError(f"--samples must be at least 2 (Fréchet distance needs a covariance), got {samples}")
     if samples > len(test_data):
@@ -127,7 +148,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     if kid_subset_size is None:
         kid_subset_size = min(1000, samples // 2)
     device = next(model.parameters()).device
-    feature_net = load_fmnist_classifier(device)
+    feature_net = load_feature_network(features, device)
 
     def embed(images: torch.Tensor, description: str) -> torch.Tensor:
         return _in_batches(lambda a, b: feature_net.features(images[a:b].to(device)).double().cpu(), len(images),
@@ -136,7 +157,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     def generator(offset: int) -> torch.Generator:
         return torch.Generator(device).manual_seed(seed + offset)
 
-    notes = [] if base_trained else [NO_BASE_MODEL_NOTE]
+    notes = ([] if base_trained else [NO_BASE_MODEL_NOTE]) + feature_notes
     if model.single_stage:
         notes.append(SINGLE_STAGE_NOTE)
     originals = test_data.images[:samples]
