@@ -8,7 +8,8 @@
 #
 # Parts, in order:
 #   build      pip install --no-build-isolation --no-deps -e .  (timed; log kept) + build_info
-#   tests      pytest -m gpu tests/ (pytest-xdist over 8 workers when installed; JUnit XML kept)
+#   tests      pytest -m gpu tests/ (pytest-xdist over 16 workers when installed; JUnit XML kept), and
+#              tests/test_inception.py against pytorch-fid when pytorch_fid and torchvision import
 #   ops        benchmarks/gpu_bench_ops.py        noise injection, loss, embedding vs eager and torch.compile
 #   attention  benchmarks/gpu_bench_attention.py  Triton attention vs every SDPA backend; adaLN vs eager/compile
 #   train      benchmarks/gpu_bench_train_step.py a whole UL step: reference vs fused, eager vs torch.compile
@@ -59,10 +60,17 @@ fi
 
 if want tests; then
   xdist=()
-  $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  $PY -c "import xdist" 2>/dev/null && xdist=(-n 16)  # the time is Triton autotuning (compiles): CPU-bound
   run_part tests 240 "$PY" -m pytest -m gpu tests/ -q -rfE -p no:cacheprovider --continue-on-collection-errors \
     "${xdist[@]}" --junitxml="$LOGS/pytest_gpu.xml"
   note "- pytest -m gpu: $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$LOGS/tests.log" | tail -1)"
+  # CPU checks that need packages this project cannot install beside its torch (torchvision, pytorch-fid):
+  # the device run carries pytorch-fid's wheel in .whl/ and installs it first with
+  #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  if $PY -c "import pytorch_fid, torchvision" 2>/dev/null; then
+    run_part inception 60 "$PY" -m pytest tests/test_inception.py -q -p no:cacheprovider -rs
+    note "- pytest tests/test_inception.py (pytorch-fid $($PY -c 'import importlib.metadata as m; print(m.version("pytorch-fid"))')): $(tail -1 "$LOGS/inception.log")"
+  fi
 fi
 
 if want ops; then
