@@ -17,8 +17,8 @@ from cli_helpers import one_line_error
 from micro import micro_config
 
 EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
-KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "guidance", "seed", "features",
-        "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
+KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "spacing", "guidance", "seed",
+        "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
         "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s",
         "kid_subsets", "kid_subset_size"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",

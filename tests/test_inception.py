@@ -128,6 +128,6 @@ def test_equals_pytorch_fid_on_the_same_weights(network, monkeypatch):
     images = torch.rand(4, 3, 48, 40) * 2 - 1
     with torch.no_grad():
         # pytorch-fid takes [0, 1] images as read from 8-bit files
-        expected = theirs((((images + 1) / 2 * 255).round() / 255))[0].flatten(1)
+        expected = theirs(((images + 1) / 2 * 255).round() / 255)[0].flatten(1)
         ours = network.features(images)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from ul_fast import ops
 from ul_fast.config import ConfigError
 from ul_fast.model import UnifiedLatents
-from ul_fast.sampling import logsnr_grid
+from ul_fast.sampling import logsnr_grid, sample
 from ul_fast.train import CheckpointError, load_trained_model, save_checkpoint
 from ul_fast.train.ema import make_ema_model
 
@@ -242,3 +242,38 @@ def test_latent_nats_of_the_base_model_is_the_same_elbo_under_the_base_network()
                                          labels=labels)
     torch.testing.assert_close(given, undropped, rtol=0, atol=0)  # a dropout would draw and null most labels
     assert not torch.equal(given, conditional.latent_nats(x, "base", generator=torch.Generator().manual_seed(1)))
+
+
+def test_guidance_is_one_call_on_2n_examples_equal_to_two_calls(model, monkeypatch):
+    """Inside the guidance interval the conditional and unconditional predictions come from one base-model
+    call on 2n examples; the result equals the guided DDIM chain built from two calls of n."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.base.parameters():  # adaLN-Zero starts at zero output: give the condition an effect
+            p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    labels, w, steps, interval = torch.tensor([0, 3, 7]), 2.5, 4, (-3.0, 3.0)
+
+    def two_calls(z_t, logsnr):
+        def denoised(y):
+            return model._to_denoised(z_t, model.base(z_t, logsnr, y, None, None), logsnr)
+        cond = denoised(labels)
+        if not interval[0] <= float(logsnr[0]) <= interval[1]:
+            return cond
+        uncond = denoised(torch.full_like(labels, model.config.num_classes))
+        return uncond + w * (cond - uncond)
+
+    grid = logsnr_grid(model.sample_schedule, steps)
+    z = torch.randn((3, *model.latent_shape), generator=torch.Generator().manual_seed(5))
+    expected = sample("ddim", two_calls, z, grid, disable=True)
+    guided_steps = sum(interval[0] <= float(lam) <= interval[1] for lam in grid[:-1])
+    assert 0 < guided_steps < steps  # the interval switches guidance on and off within the chain
+
+    batch_sizes = []
+    base_forward = model.base.forward
+    monkeypatch.setattr(model.base, "forward", lambda z_t, *rest: batch_sizes.append(len(z_t)) or
+                        base_forward(z_t, *rest))
+    got = model.sample_latents(3, steps=steps, labels=labels, guidance=w, guidance_interval=interval,
+                               generator=torch.Generator().manual_seed(5))
+    assert sorted(batch_sizes) == [3] * (steps - guided_steps) + [6] * guided_steps
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from ul_fast.config import DEVICE_PATTERN, preset_names
-from ul_fast.sampling import SAMPLERS
+from ul_fast.sampling import SAMPLERS, SPACINGS
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -122,6 +122,7 @@ def _sample(args: argparse.Namespace) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
                           args.sampler or s.sampler, generator, progress=not args.no_progress,
+                          spacing=args.spacing or s.spacing,
                           guidance=s.guidance if args.guidance is None else args.guidance,
                           guidance_interval=tuple(s.guidance_interval), **conditioning)
     save_grid(images.float(), args.out, columns=columns)
@@ -143,6 +144,7 @@ def _eval(args: argparse.Namespace) -> None:
     train_data = load_dataset(config.data.dataset, "train", m.image_size, m.image_channels)
     test_data = load_dataset(config.data.dataset, "test", m.image_size, m.image_channels)
     result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
+                            spacing=args.spacing or s.spacing,
                             latent_steps=args.latent_steps or s.latent_steps,
                             decoder_steps=args.decoder_steps or s.decoder_steps,
                             guidance=s.guidance if args.guidance is None else args.guidance,
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=_non_negative_float,
                         help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance)")
     sample.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sample.add_argument("--spacing", choices=SPACINGS,
+                        help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
     sample.add_argument("--latent-steps", type=_positive_int,
                         help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
     sample.add_argument("--decoder-steps", type=_positive_int,
@@ -276,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="N: held-out images to reconstruct and images to sample (default 1000; at most "
                                "the test split's size)")
     evaluate.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    evaluate.add_argument("--spacing", choices=SPACINGS,
+                          help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
     evaluate.add_argument("--latent-steps", type=_positive_int, metavar="K",
                           help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
     evaluate.add_argument("--decoder-steps", type=_positive_int, metavar="K",

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from ul_fast.diffusion import PREDICTIONS, SCHEDULE_KINDS
-from ul_fast.sampling import SAMPLERS
+from ul_fast.sampling import SAMPLERS, SPACINGS
 
 TWO_STAGE, SINGLE_STAGE = "two_stage", "single_stage"
 MODES = (TWO_STAGE, SINGLE_STAGE)
@@ -174,9 +174,10 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # ddim | ancestral | dpmpp_2m | heun (heun: two network evaluations per step)
     latent_steps: int = 32
     decoder_steps: int = 32
+    spacing: str = "time"  # step grid: time (uniform in the schedule's t) | logsnr (uniform in λ)
     # Classifier-free guidance scale w >= 0: 1 = none, 0 = unconditional.
     guidance: float = 1.0
     guidance_interval: list[float] = field(default_factory=lambda: [-15.0, 15.0])
@@ -527,6 +528,7 @@ def _validate_train(t: TrainConfig) -> None:
 def _validate_sample(s: SampleConfig) -> None:
     _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
+    _require(s.spacing in SPACINGS, f"sample.spacing must be one of {SPACINGS}, got {s.spacing!r}")
     _require(s.grid_images > 0, f"sample.grid_images must be > 0, got {s.grid_images}")
     _require(s.guidance >= 0, f"sample.guidance must be >= 0 (1: no guidance, 0: unconditional), got {s.guidance}")
     _require(len(s.guidance_interval) == 2 and s.guidance_interval[0] <= s.guidance_interval[1],

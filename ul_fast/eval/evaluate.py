@@ -118,6 +118,7 @@ def _software_versions() -> dict[str, str]:
 @torch.no_grad()
 def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
                    samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
+                   spacing: str = "time",
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
                    kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
@@ -129,7 +130,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     and ``notes`` says so). Images are reconstructed, sampled and embedded ``batch_size`` at a time; the
     numbers are a function of ``seed``, ``batch_size`` and the device.
 
-    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``guidance``,
+    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``spacing``,
+    ``guidance``,
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
     ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
@@ -166,7 +168,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     # 1. Reconstructions: rFD, rKID, PSNR.
     recon_generator = generator(0)
     reconstructions = _in_batches(
-        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator).float()
+        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
+                                     spacing=spacing).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
     reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
@@ -201,8 +204,9 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
 
         def generate(a: int, b: int) -> torch.Tensor:
             batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
-            return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, guidance=guidance,
-                                guidance_interval=tuple(guidance_interval), **batch_inputs).float().cpu()
+            return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
+                                guidance=guidance, guidance_interval=tuple(guidance_interval),
+                                **batch_inputs).float().cpu()
 
         generated = _in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
@@ -210,6 +214,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
 
     return {
         "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
+        "spacing": spacing,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
         "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
@@ -241,8 +246,9 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
-              f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps), guidance "
-              f"{result['guidance']}, seed {result['seed']}, {result['elapsed_s']:.1f} s")
+              f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
+              f"{result['spacing']} spacing), guidance {result['guidance']}, seed {result['seed']}, "
+              f"{result['elapsed_s']:.1f} s")
     return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 

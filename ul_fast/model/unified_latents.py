@@ -328,10 +328,12 @@ class UnifiedLatents(nn.Module):
 
     @torch.no_grad()
     def decode(self, z_0: torch.Tensor, steps: int = 32, sampler: str = "ddim",
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max, then one final
-        denoising step; clamped to [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler`` and
-        ``generator`` unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``."""
+               generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
+               ) -> torch.Tensor:
+        """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max over a ``steps``-step grid
+        of ``spacing`` (see :func:`~ul_fast.sampling.logsnr_grid`), then one final denoising step; clamped to
+        [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler``, ``spacing`` and ``generator``
+        unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``."""
         latent_logsnr = None
         if self.single_stage:  # sampled latents stop at sample_logsnr (λ_z(0) unless configured)
             latent_logsnr = torch.full((z_0.shape[0],), self.sample_logsnr, device=z_0.device)
@@ -342,29 +344,31 @@ class UnifiedLatents(nn.Module):
             return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
         x = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
-        grid = logsnr_grid(self.pixel_schedule, steps)
+        grid = logsnr_grid(self.pixel_schedule, steps, spacing)
         x = sample(sampler, denoise, x, grid, generator, disable=not progress)
         final = grid[-1].expand(x.shape[0]).to(x.device)
         return denoise(x, final).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddim",
-                    generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                    generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
+                    ) -> torch.Tensor:
         """Encode, add the latent noise of ``sample_logsnr`` (λ_z(0) unless configured), decode."""
         z_0 = self.noisy_latent(self.encode(x), generator=generator, logsnr=self.sample_logsnr)
-        return self.decode(z_0, steps, sampler, generator, progress)
+        return self.decode(z_0, steps, sampler, generator, progress, spacing)
 
     @torch.no_grad()
     def sample_latents(self, n: int, steps: int = 32, sampler: str = "ddim", labels: torch.Tensor | None = None,
                        context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                        guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                        use_prior: bool = False, generator: torch.Generator | None = None,
-                       progress: bool = False) -> torch.Tensor:
+                       progress: bool = False, spacing: str = "time") -> torch.Tensor:
         """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)`` (single-stage:
         at ``sample_logsnr``). A normal prior (``latent_prior: normal``) draws ``z_0 ~ N(0, I)``.
 
         Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
-        ``guidance_interval`` and a condition is given.
+        ``guidance_interval`` and a condition is given; there the conditional and unconditional predictions
+        come from one network call on a batch of ``2n`` (outside it, one call on ``n``).
         """
         device = next(self.parameters()).device
         conditional = any(t is not None for t in (labels, context, pooled))
@@ -376,26 +380,34 @@ class UnifiedLatents(nn.Module):
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
                 return self._to_denoised(z_t, self.prior(z_t, logsnr), logsnr)
-            cond = self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
             lam = float(logsnr[0])
             if not conditional or guidance == 1.0 or not guidance_interval[0] <= lam <= guidance_interval[1]:
-                return cond
+                return self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
             null_labels = None if labels is None else torch.full_like(labels, self.config.num_classes)
             null_context = None if context is None else torch.zeros_like(context)
             null_pooled = None if pooled is None else torch.zeros_like(pooled)
-            uncond = self._to_denoised(z_t, self.base(z_t, logsnr, null_labels, null_context, null_pooled), logsnr)
+            pred = self.base(torch.cat([z_t, z_t]), torch.cat([logsnr, logsnr]), _stack(labels, null_labels),
+                             _stack(context, null_context), _stack(pooled, null_pooled))
+            cond, uncond = self._to_denoised(torch.cat([z_t, z_t]), pred, torch.cat([logsnr, logsnr])).chunk(2)
             return uncond + guidance * (cond - uncond)
 
         z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
-        return sample(sampler, denoise, z, logsnr_grid(self.sample_schedule, steps), generator,
+        return sample(sampler, denoise, z, logsnr_grid(self.sample_schedule, steps, spacing), generator,
                       disable=not progress)
 
     @torch.no_grad()
     def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
-               generator: torch.Generator | None = None, progress: bool = False, **conditioning) -> torch.Tensor:
-        """Generate ``n`` images: base model → noisy ``z_0`` → decoder."""
-        z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, **conditioning)
-        return self.decode(z_0, decoder_steps, sampler, generator, progress)
+               generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
+               **conditioning) -> torch.Tensor:
+        """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``)."""
+        z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
+                                  **conditioning)
+        return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing)
+
+
+def _stack(condition: torch.Tensor | None, null: torch.Tensor | None) -> torch.Tensor | None:
+    """A condition and its null stacked along the batch (guidance's batch of 2n), or None without one."""
+    return None if condition is None else torch.cat([condition, null])
 
 
 __all__ = ["UnifiedLatents"]

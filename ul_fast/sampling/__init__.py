@@ -1,5 +1,17 @@
-"""Diffusion samplers: DDIM and ancestral (VDM), with callback and a progress bar that can be disabled."""
+"""Diffusion samplers in log-SNR (DDIM, ancestral, DPM-Solver++(2M), Heun) as plain functions, with callback
+and a progress bar that can be disabled."""
 
-from ul_fast.sampling.samplers import SAMPLERS, logsnr_grid, sample, sample_ancestral, sample_ddim
+from ul_fast.sampling.samplers import (
+    EVALUATIONS_PER_STEP,
+    SAMPLERS,
+    SPACINGS,
+    logsnr_grid,
+    sample,
+    sample_ancestral,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_heun,
+)
 
-__all__ = ["SAMPLERS", "logsnr_grid", "sample", "sample_ancestral", "sample_ddim"]
+__all__ = ["EVALUATIONS_PER_STEP", "SAMPLERS", "SPACINGS", "logsnr_grid", "sample", "sample_ancestral", "sample_ddim",
+           "sample_dpmpp_2m", "sample_heun"]

@@ -1,5 +1,18 @@
 """Samplers as plain functions (k-diffusion style) over a decreasing-noise log-SNR grid.
 
+Four samplers, all in the log-SNR variable λ = log(α²/σ²):
+
+* ``ddim``: deterministic, first order (one network evaluation per step);
+* ``ancestral``: stochastic, from the VDM posterior (one per step);
+* ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep: it reuses the previous step's
+  prediction, so still one evaluation per step; its first step is DDIM;
+* ``heun``: second-order predictor-corrector (a DDIM step, then the trapezoidal rule on the two predictions),
+  two evaluations per step.
+
+The deterministic ones integrate the probability-flow ODE written as an exponential integrator in
+``h = (λ_t − λ_s)/2`` (DPM-Solver's λ is log(α/σ), half of ours): with a data prediction ``D``,
+``x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·D``, exact for the linear part; ``D = x̂_s`` is DDIM.
+
 ``denoise(x_t, logsnr) -> x̂`` takes the current state ``[B, ...]`` and a per-example log-SNR ``[B]``
 and predicts the clean data. ``logsnrs`` is the increasing grid ``[λ_0 < λ_1 < … < λ_N]`` from the
 noisiest level to the level to stop at; the sampler returns the state at ``λ_N`` (for the base model
@@ -12,6 +25,7 @@ the CLI).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,11 +37,21 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 
 
-def logsnr_grid(schedule: LogSNRSchedule, steps: int) -> torch.Tensor:
-    """``steps + 1`` log-SNRs from ``λ(1)`` to ``λ(0)``, uniform in ``t`` (fp32, increasing)."""
+SPACINGS = ("time", "logsnr")
+"""Step grids: ``time``, uniform in the schedule's ``t`` (its own spacing); ``logsnr``, uniform in λ."""
+
+
+def logsnr_grid(schedule: LogSNRSchedule, steps: int, spacing: str = "time") -> torch.Tensor:
+    """``steps + 1`` log-SNRs from ``λ(1)`` to ``λ(0)`` (fp32, increasing), uniform in ``t`` or in ``λ``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return schedule.logsnr(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)).float()
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if spacing == "time":
+        return schedule.logsnr(t).float()
+    ends = schedule.logsnr(t[[0, -1]])
+    return torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64).float()
 
 
 def _check_grid(logsnrs: torch.Tensor) -> None:
@@ -82,7 +106,61 @@ def sample_ancestral(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
     return x
 
 
-_SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "ancestral": sample_ancestral}
+def _exponential_step(x: torch.Tensor, data: torch.Tensor, lam_s: torch.Tensor, lam_t: torch.Tensor,
+                      h: float) -> torch.Tensor:
+    """``x_t = (σ_t/σ_s)·x_s + α_t·(1 − e^{−h})·D``: the exponential-integrator step with data prediction ``D``."""
+    _, sigma_s = coefficients(lam_s, x)
+    alpha_t, sigma_t = coefficients(lam_t, x)
+    return (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * data
+
+
+def _half_steps(logsnrs: torch.Tensor) -> list[float]:
+    """``h_i = (λ_{i+1} − λ_i)/2`` in float64: DPM-Solver's step in log(α/σ)."""
+    return [float(d) / 2 for d in logsnrs.double().diff()]
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
+                    generator: torch.Generator | None = None, callback: Callback | None = None,
+                    disable: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M): ``D = (1 + 1/(2r))·x̂_i − 1/(2r)·x̂_{i−1}`` with ``r = h_{i−1}/h_i``, then the
+    exponential step; the first step (no previous prediction) is DDIM. ``generator`` is unused."""
+    h = _half_steps(logsnrs)
+    previous = None
+    for i, lam_s, lam_t in _steps(logsnrs, x, "dpmpp_2m", disable):
+        denoised = denoise(x, lam_s)
+        data = denoised
+        if previous is not None:
+            r = h[i - 1] / h[i]
+            data = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+        x = _exponential_step(x, data, lam_s, lam_t, h[i])
+        previous = denoised
+        if callback is not None:
+            callback({"i": i, "logsnr": float(logsnrs[i]), "x": x, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoise: Denoiser, x: torch.Tensor, logsnrs: torch.Tensor,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                disable: bool = False) -> torch.Tensor:
+    """Heun in λ: a DDIM step predicts ``x̃_t``; the step is redone with the mean of ``x̂(x_s, λ_s)`` and
+    ``x̂(x̃_t, λ_t)`` (the trapezoidal rule; local error O(h³)). Two evaluations per step; ``generator`` unused."""
+    h = _half_steps(logsnrs)
+    for i, lam_s, lam_t in _steps(logsnrs, x, "heun", disable):
+        denoised = denoise(x, lam_s)
+        predicted = _exponential_step(x, denoised, lam_s, lam_t, h[i])
+        corrected = 0.5 * (denoised + denoise(predicted, lam_t))
+        x = _exponential_step(x, corrected, lam_s, lam_t, h[i])
+        if callback is not None:
+            callback({"i": i, "logsnr": float(logsnrs[i]), "x": x, "denoised": corrected})
+    return x
+
+
+_SAMPLER_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": sample_ddim, "ancestral": sample_ancestral, "dpmpp_2m": sample_dpmpp_2m, "heun": sample_heun}
+EVALUATIONS_PER_STEP = {"ddim": 1, "ancestral": 1, "dpmpp_2m": 1, "heun": 2}
+"""Network evaluations per step of each sampler (a sampler's cost is ``steps ×`` this)."""
 
 SAMPLERS = tuple(_SAMPLER_FUNCTIONS)
 """The sampler names: ``sample``'s ``name``, the config's ``sample.sampler``, the CLI's ``--sampler``."""
