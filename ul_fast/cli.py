@@ -122,7 +122,7 @@ def _sample(args: argparse.Namespace) -> None:
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
                           args.sampler or s.sampler, generator, progress=not args.no_progress,
-                          spacing=args.spacing or s.spacing,
+                          spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                           guidance=s.guidance if args.guidance is None else args.guidance,
                           guidance_interval=tuple(s.guidance_interval), **conditioning)
     save_grid(images.float(), args.out, columns=columns)
@@ -144,7 +144,7 @@ def _eval(args: argparse.Namespace) -> None:
     train_data = load_dataset(config.data.dataset, "train", m.image_size, m.image_channels)
     test_data = load_dataset(config.data.dataset, "test", m.image_size, m.image_channels)
     result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
-                            spacing=args.spacing or s.spacing,
+                            spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                             latent_steps=args.latent_steps or s.latent_steps,
                             decoder_steps=args.decoder_steps or s.decoder_steps,
                             guidance=s.guidance if args.guidance is None else args.guidance,
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
     sample.add_argument("--spacing", choices=SPACINGS,
                         help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
+    sample.add_argument("--cuda-graph", action="store_true",
+                        help="on CUDA, replay a captured network call per step (default: the run's sample.cuda_graph)")
     sample.add_argument("--latent-steps", type=_positive_int,
                         help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
     sample.add_argument("--decoder-steps", type=_positive_int,
@@ -282,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
     evaluate.add_argument("--spacing", choices=SPACINGS,
                           help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
+    evaluate.add_argument("--cuda-graph", action="store_true",
+                          help="on CUDA, replay a captured network call per step (default: the run's "
+                               "sample.cuda_graph)")
     evaluate.add_argument("--latent-steps", type=_positive_int, metavar="K",
                           help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
     evaluate.add_argument("--decoder-steps", type=_positive_int, metavar="K",

@@ -178,6 +178,7 @@ class SampleConfig:
     latent_steps: int = 32
     decoder_steps: int = 32
     spacing: str = "time"  # step grid: time (uniform in the schedule's t) | logsnr (uniform in λ)
+    cuda_graph: bool = False  # on CUDA, replay one captured network call per step (ul_fast.sampling.cuda_graph)
     # Classifier-free guidance scale w >= 0: 1 = none, 0 = unconditional.
     guidance: float = 1.0
     guidance_interval: list[float] = field(default_factory=lambda: [-15.0, 15.0])

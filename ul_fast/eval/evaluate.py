@@ -118,7 +118,7 @@ def _software_versions() -> dict[str, str]:
 @torch.no_grad()
 def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
                    samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
-                   spacing: str = "time",
+                   spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
                    kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
@@ -169,7 +169,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     recon_generator = generator(0)
     reconstructions = _in_batches(
         lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
-                                     spacing=spacing).float()
+                                     spacing=spacing, cuda_graph=cuda_graph).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
     reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
@@ -205,7 +205,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         def generate(a: int, b: int) -> torch.Tensor:
             batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
             return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
-                                guidance=guidance, guidance_interval=tuple(guidance_interval),
+                                cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
                                 **batch_inputs).float().cpu()
 
         generated = _in_batches(generate, samples, batch_size, "sampling", progress)

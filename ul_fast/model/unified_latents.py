@@ -31,7 +31,7 @@ from ul_fast.diffusion import (
     x_from_v,
 )
 from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
-from ul_fast.sampling import logsnr_grid, sample
+from ul_fast.sampling import graphed_module, logsnr_grid, sample
 
 LN2 = math.log(2.0)
 MSE_DECODER_LOGSNR = 0.0
@@ -329,19 +329,22 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def decode(self, z_0: torch.Tensor, steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-               ) -> torch.Tensor:
+               cuda_graph: bool = False) -> torch.Tensor:
         """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max over a ``steps``-step grid
         of ``spacing`` (see :func:`~ul_fast.sampling.logsnr_grid`), then one final denoising step; clamped to
         [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler``, ``spacing`` and ``generator``
-        unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``."""
+        unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``. ``cuda_graph``: replay
+        captured decoder calls on CUDA (:func:`~ul_fast.sampling.graphed_module`; the first chain captures)."""
         latent_logsnr = None
         if self.single_stage:  # sampled latents stop at sample_logsnr (λ_z(0) unless configured)
             latent_logsnr = torch.full((z_0.shape[0],), self.sample_logsnr, device=z_0.device)
         if self.mse_decoder:
             return self._decoder_mean(z_0, latent_logsnr).clamp(-1.0, 1.0)
 
+        decoder = graphed_module(self.decoder) if cuda_graph else self.decoder
+
         def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-            return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
+            return self._to_denoised(x_t, decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
         x = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
         grid = logsnr_grid(self.pixel_schedule, steps, spacing)
@@ -352,23 +355,24 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, steps: int = 32, sampler: str = "ddim",
                     generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-                    ) -> torch.Tensor:
+                    cuda_graph: bool = False) -> torch.Tensor:
         """Encode, add the latent noise of ``sample_logsnr`` (λ_z(0) unless configured), decode."""
         z_0 = self.noisy_latent(self.encode(x), generator=generator, logsnr=self.sample_logsnr)
-        return self.decode(z_0, steps, sampler, generator, progress, spacing)
+        return self.decode(z_0, steps, sampler, generator, progress, spacing, cuda_graph)
 
     @torch.no_grad()
     def sample_latents(self, n: int, steps: int = 32, sampler: str = "ddim", labels: torch.Tensor | None = None,
                        context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                        guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                        use_prior: bool = False, generator: torch.Generator | None = None,
-                       progress: bool = False, spacing: str = "time") -> torch.Tensor:
+                       progress: bool = False, spacing: str = "time", cuda_graph: bool = False) -> torch.Tensor:
         """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)`` (single-stage:
         at ``sample_logsnr``). A normal prior (``latent_prior: normal``) draws ``z_0 ~ N(0, I)``.
 
         Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
         ``guidance_interval`` and a condition is given; there the conditional and unconditional predictions
-        come from one network call on a batch of ``2n`` (outside it, one call on ``n``).
+        come from one network call on a batch of ``2n`` (outside it, one call on ``n``). ``cuda_graph``: replay
+        a captured network call per step on CUDA (one graph per batch size).
         """
         device = next(self.parameters()).device
         conditional = any(t is not None for t in (labels, context, pooled))
@@ -377,17 +381,21 @@ class UnifiedLatents(nn.Module):
         if use_prior and self.normal_prior:
             return torch.randn((n, *self.latent_shape), device=device, generator=generator)
 
+        network = self.prior if use_prior else self.base
+        if cuda_graph:
+            network = graphed_module(network)
+
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
-                return self._to_denoised(z_t, self.prior(z_t, logsnr), logsnr)
+                return self._to_denoised(z_t, network(z_t, logsnr), logsnr)
             lam = float(logsnr[0])
             if not conditional or guidance == 1.0 or not guidance_interval[0] <= lam <= guidance_interval[1]:
-                return self._to_denoised(z_t, self.base(z_t, logsnr, labels, context, pooled), logsnr)
+                return self._to_denoised(z_t, network(z_t, logsnr, labels, context, pooled), logsnr)
             null_labels = None if labels is None else torch.full_like(labels, self.config.num_classes)
             null_context = None if context is None else torch.zeros_like(context)
             null_pooled = None if pooled is None else torch.zeros_like(pooled)
-            pred = self.base(torch.cat([z_t, z_t]), torch.cat([logsnr, logsnr]), _stack(labels, null_labels),
-                             _stack(context, null_context), _stack(pooled, null_pooled))
+            pred = network(torch.cat([z_t, z_t]), torch.cat([logsnr, logsnr]), _stack(labels, null_labels),
+                           _stack(context, null_context), _stack(pooled, null_pooled))
             cond, uncond = self._to_denoised(torch.cat([z_t, z_t]), pred, torch.cat([logsnr, logsnr])).chunk(2)
             return uncond + guidance * (cond - uncond)
 
@@ -398,11 +406,11 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-               **conditioning) -> torch.Tensor:
+               cuda_graph: bool = False, **conditioning) -> torch.Tensor:
         """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``)."""
         z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
-                                  **conditioning)
-        return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing)
+                                  cuda_graph=cuda_graph, **conditioning)
+        return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing, cuda_graph)
 
 
 def _stack(condition: torch.Tensor | None, null: torch.Tensor | None) -> torch.Tensor | None:

@@ -335,7 +335,7 @@ class Trainer:
                                                 generator=generator)
                               for i in range(0, min(len(self.test_data), 1024), 256)])
             recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator,
-                                      spacing=s.spacing).float()
+                                      spacing=s.spacing, cuda_graph=s.cuda_graph).float()
         for path in grid_paths:
             save_grid(side_by_side(self.eval_images, recon), path, columns=8)
         pixels = self.config.model.image_size ** 2
@@ -350,8 +350,8 @@ class Trainer:
         conditioning, columns = self.conditioning.for_grid(s.grid_images)
         with self._autocast():
             images = model.sample(s.grid_images, s.latent_steps, s.decoder_steps, s.sampler, generator,
-                                  spacing=s.spacing, guidance=s.guidance, guidance_interval=tuple(s.guidance_interval),
-                                  **conditioning)
+                                  spacing=s.spacing, cuda_graph=s.cuda_graph, guidance=s.guidance,
+                                  guidance_interval=tuple(s.guidance_interval), **conditioning)
         for path in grid_paths:
             save_grid(images.float(), path, columns=columns)
 

@@ -1,0 +1,111 @@
+"""CUDA-graph replay of the network calls of a sampling chain (ul_fast/sampling/cuda_graph.py): identical
+results to eager calls (bit for bit on a GPU), recapture when a module's weights move, a fallback with one warning
+when capture is impossible, and a pass-through on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ul_fast.model import UnifiedLatents
+from ul_fast.sampling import GraphedCall, graphed_module
+
+from micro import micro_config
+
+
+def small_module() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 12))
+
+
+def test_cpu_calls_pass_through_uncaptured():
+    module = small_module()
+    graphed = GraphedCall(module)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(graphed(x), module(x))
+    assert graphed.graphs == {} and graphed.failure is None
+
+
+def test_graphed_module_is_kept_per_module():
+    first, second = small_module(), small_module()
+    assert graphed_module(first) is graphed_module(first)
+    assert graphed_module(first) is not graphed_module(second)
+
+
+def test_model_sampling_with_the_cuda_graph_option_on_cpu_is_unchanged():
+    model = UnifiedLatents(micro_config().model).eval()
+    runs = [model.sample(2, 2, 2, generator=torch.Generator().manual_seed(1), cuda_graph=flag) for flag in (0, 1)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.gpu
+def test_gpu_replay_equals_eager_bit_for_bit_and_returns_fresh_tensors():
+    module = small_module().cuda()
+    graphed = GraphedCall(module)
+    with torch.no_grad():
+        outputs = []
+        for seed in range(3):
+            x = torch.randn(7, 12, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            out = graphed(x)
+            assert torch.equal(out, module(x))
+            outputs.append(out)
+        assert len(graphed.graphs) == 1 and graphed.failure is None
+        assert outputs[0].data_ptr() != outputs[1].data_ptr() and not torch.equal(outputs[0], outputs[1])
+        graphed(torch.randn(3, 12, device="cuda"))  # another batch size: another graph
+        assert len(graphed.graphs) == 2
+        module[0].weight = torch.nn.Parameter(module[0].weight * 2)  # a new tensor: the graphs are stale
+        x = torch.randn(7, 12, device="cuda")
+        assert torch.equal(graphed(x), module(x)) and len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_capture_failure_falls_back_with_one_warning():
+    graphed = GraphedCall(lambda x: x * float(x.sum()))  # reads the host: cannot be captured
+    x = torch.randn(4, device="cuda")
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
+        assert torch.equal(graphed(x), x * float(x.sum()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(graphed(x), x * float(x.sum()))
+    assert graphed.failure is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gpu_graphed_sampling_chain_is_bit_identical_to_eager(autocast):
+    torch.manual_seed(0)
+    model = UnifiedLatents(micro_config().model).cuda().eval()
+    with torch.no_grad():
+        for p in model.base.parameters():  # adaLN-Zero starts at zero output: make every path matter
+            p.add_(0.2 * torch.randn_like(p))
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([0, 3, 7, 9], device="cuda")
+
+    def chain(cuda_graph: bool, seed: int) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return model.sample(4, 6, 6, "dpmpp_2m", torch.Generator("cuda").manual_seed(seed), labels=labels,
+                                guidance=2.0, guidance_interval=(-3.0, 3.0), cuda_graph=cuda_graph)
+
+    for seed in (1, 2):  # the second chain replays the graphs the first captured
+        assert torch.equal(chain(True, seed), chain(False, seed))
+    assert graphed_module(model.base).failure is None and len(graphed_module(model.base).graphs) == 2
+    assert graphed_module(model.decoder).failure is None
+
+
+def test_sampling_benchmark_smoke(tmp_path):
+    """benchmarks/gpu_bench_sampling.py runs end to end on CPU (its GPU minutes are not spent on a broken script)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench_sampling.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_sampling.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["ddim", "dpmpp_2m"] and all(r["bit_identical"] for r in rows)

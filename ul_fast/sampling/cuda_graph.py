@@ -1,0 +1,132 @@
+"""CUDA-graph replay of a network call, for sampling chains.
+
+A sampling chain calls the same network 32 times or more on tensors of one shape; with small models each call is
+dozens of kernel launches whose CPU-side cost exceeds the GPU work. :class:`GraphedCall` captures one call per
+input signature (shapes, dtypes, which optional arguments are None) into a ``torch.cuda.CUDAGraph`` and replays
+it: the inputs are copied into the graph's static buffers, the graph runs, and a copy of its output is returned
+(a sampler may keep it across steps, e.g. DPM-Solver++'s previous prediction).
+
+This is safe for ul_fast's networks because nothing in them reads the host during a call: the kernels take their
+seeds from device tensors, dispatch depends only on shapes and dtypes, and eval mode has no dropout. The callable
+must not depend on anything but its tensor arguments and tensors it holds (e.g. the decoder's conditioning
+latent, which a chain keeps fixed).
+
+Capture runs the call twice first on a side stream (warming up cuBLAS handles and Triton's autotuner, which
+cannot run inside a capture). If capture fails, a warning says why, once, and every later call runs eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["GraphedCall", "graphed_module"]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor | None]  # static buffers, refreshed before each replay
+    output: torch.Tensor
+
+
+class GraphedCall:
+    """``GraphedCall(fn)(*args)`` equals ``fn(*args)``; on CUDA tensors it replays a captured graph.
+
+    fn: a function of tensors (or None) returning one tensor, with no host-side dependence on the values of
+    its arguments. Non-CUDA calls, and every call after a failed capture, run ``fn`` eagerly.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup_calls: int = 2):
+        self.fn = fn
+        self.warmup_calls = warmup_calls
+        self.graphs: dict[tuple, _Captured] = {}
+        self.failure: str | None = None  # why capture failed, once it has
+        self._pool = None
+        self._module_state: tuple | None = None
+
+    def _check_module_state(self) -> None:
+        """A graph reads a module's weights at the addresses they had at capture: if any parameter or buffer
+        moved (``.to()``, a replaced tensor) or the mode changed, drop the graphs (they are recaptured)."""
+        if not isinstance(self.fn, torch.nn.Module):
+            return
+        state = (self.fn.training, *(t.data_ptr() for t in self.fn.parameters()),
+                 *(t.data_ptr() for t in self.fn.buffers()))
+        if state != self._module_state:
+            self.graphs.clear()
+            self._module_state = state
+
+    @staticmethod
+    def _signature(args: tuple[Any, ...]) -> tuple:
+        """What a graph is specific to: each argument's shape, dtype and device (or None), and the autocast
+        and grad modes it was captured under."""
+        modes = (torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        return modes + tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
+
+    def __call__(self, *args: torch.Tensor | None) -> torch.Tensor:
+        tensors = [a for a in args if a is not None]
+        if self.failure is not None or not tensors or any(not isinstance(a, torch.Tensor) or not a.is_cuda
+                                                          for a in tensors):
+            return self.fn(*args)
+        self._check_module_state()
+        key = self._signature(args)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture(args)
+            if captured is None:
+                return self.fn(*args)
+            self.graphs[key] = captured
+        for static, value in zip(captured.inputs, args):
+            if static is not None:
+                static.copy_(value)
+        captured.graph.replay()
+        return captured.output.clone()
+
+    def _capture(self, args: tuple[torch.Tensor | None, ...]) -> _Captured | None:
+        device = next(a for a in args if a is not None).device
+        inputs = [None if a is None else a.clone() for a in args]
+        # autocast's weight-cast cache would hold tensors made during capture: CUDA graphs need it off
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        try:
+            with torch.cuda.device(device), autocast:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_calls):
+                        self.fn(*inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    output = self.fn(*inputs)
+        except Exception as error:  # capture is an optimisation: fall back, say why once
+            self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            warnings.warn(f"ul_fast: CUDA-graph capture failed ({self.failure}); sampling runs eagerly",
+                          RuntimeWarning, stacklevel=3)
+            torch.cuda.synchronize(device)
+            return None
+        if not isinstance(output, torch.Tensor):
+            self.failure = f"the captured function returned {type(output).__name__}, not a tensor"
+            warnings.warn(f"ul_fast: CUDA-graph capture failed ({self.failure}); sampling runs eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return _Captured(graph, inputs, output)
+
+
+_GRAPHED_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, GraphedCall] = weakref.WeakKeyDictionary()
+
+
+def graphed_module(module: torch.nn.Module) -> GraphedCall:
+    """The :class:`GraphedCall` of ``module``, kept (weakly) for the module's life, so that successive sampling
+    chains replay the graphs captured by the first instead of capturing their own."""
+    graphed = _GRAPHED_MODULES.get(module)
+    if graphed is None:
+        graphed = _GRAPHED_MODULES[module] = GraphedCall(module)
+    return graphed
