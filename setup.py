@@ -1,6 +1,7 @@
 """Build script: the package is pure Python plus the optional compiled extension ``ul_fast._C``.
 
-``ul_fast._C`` is a pybind11 module over raw pointers (no torch headers, so no torch C++ ABI coupling):
+``ul_fast._C`` is a pybind11 module over raw pointers, checked at its boundary (csrc/boundary.h), with no torch
+headers (so no torch C++ ABI coupling):
 C++ kernels with OpenMP always, CUDA kernels when nvcc is found. Environment variables:
 
 - ``UL_FAST_CUDA``: ``auto`` (default: build the CUDA part when nvcc is found), ``1`` (require it),
@@ -153,4 +154,5 @@ extension = Pybind11Extension(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for find_nvcc, gencode_flags
+    setup(ext_modules=[extension], cmdclass={"build_ext": BuildExt})

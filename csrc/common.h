@@ -7,8 +7,9 @@
 
 namespace ul_fast {
 
-// Element types as passed from Python (ul_fast/kernels/extension_ops.py: _DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Element types as passed from Python (ul_fast/kernels/extension_ops.py: _DTYPE_CODES). The kernels compute
+// on the three float types; int64 is the seed, int32 the debug Philox words.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt64 = 3, kInt32 = 4 };
 
 // Per-example noise coefficients alpha = sqrt(sigmoid(l)), sigma = sqrt(sigmoid(-l)) in fp32, computed
 // as the reference does (sigmoid as 1 / (1 + exp(-x)), then sqrt).

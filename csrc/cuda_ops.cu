@@ -2,7 +2,9 @@
 // are computed once per block into shared memory; 16-byte (fp32) / 8-byte (16-bit) vector accesses
 // are used whenever a group lies inside one tensor row and the pointers are aligned. The seed is read
 // in-kernel from device memory, so the ops are CUDA-graph safe. fp32 arithmetic uses explicit _rn
-// intrinsics where the order of rounding must match the reference (no FMA contraction).
+// intrinsics where the order of rounding must match the reference (no FMA contraction). Every launch runs
+// under a DeviceGuard (the caller's current device is restored) on the stream the caller passes (torch's
+// current stream of the tensors' device), with its grid from launch.h checked against CUDA's limits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,12 +14,11 @@
 #include <string>
 
 #include "common.h"
+#include "launch.h"
 #include "ops.h"
 
 namespace ul_fast {
 namespace {
-
-constexpr int kThreads = 256;
 
 // ---- element access ----
 __device__ __forceinline__ float to_f(float v) { return v; }
@@ -82,14 +83,32 @@ void check_launch(const char* what) {
   }
 }
 
-void use_device(int device) {
-  int current = -1;
-  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
-    const cudaError_t error = cudaSetDevice(device);
-    if (error != cudaSuccess) {
-      throw std::runtime_error(std::string("ul_fast._C: cudaSetDevice failed: ") + cudaGetErrorString(error));
-    }
+void check_cuda(cudaError_t error, const char* what) {
+  if (error != cudaSuccess) throw std::runtime_error(std::string("ul_fast._C: ") + what + ": " + cudaGetErrorString(error));
+}
+
+// Makes `device` current for its lifetime and restores the caller's device after (torch keeps its own
+// notion of the current device in the CUDA runtime; an op on cuda:1 must not move the caller to cuda:1).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
   }
+  ~DeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+dim3 as_dim3(const Grid& grid) {
+  return dim3(static_cast<unsigned int>(grid.x), static_cast<unsigned int>(grid.y),
+              static_cast<unsigned int>(grid.z));
 }
 
 // Blocks of an element-wise kernel cover kThreads groups = 4 * kThreads elements; they span at most
@@ -181,8 +200,6 @@ __device__ __forceinline__ float loss_residual(bool v_prediction, float alpha, f
   const float eps_hat = __fadd_rn(__fmul_rn(sigma, x_t), __fmul_rn(alpha, pred));
   return __fsub_rn(e, eps_hat);
 }
-
-constexpr int64_t kLossChunk = 4 * kThreads * 8;  // elements per block: 8 groups per thread
 
 // Grid (B * chunks): block b * chunks + c sums r^2 over chunk c of example b into partial[b * chunks + c]
 // (one flat grid dimension, so any batch size fits).
@@ -294,8 +311,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- log-SNR embedding: out = SiLU(W [sin(l f), cos(l f)] + b) as a tiled fp32 GEMM ----
-constexpr int kEmbTB = 16, kEmbTN = 64, kEmbTK = 32;
-
 template <typename T>
 __device__ __forceinline__ float fourier_feature(const float* logsnr, const float* freqs, int64_t b, int64_t k,
                                                  int64_t nfreq) {
@@ -353,8 +368,6 @@ __global__ void __launch_bounds__(kThreads)
     out[b * N + n] = from_f<T>(h * sigmoidf_(h));
   }
 }
-
-constexpr int kEmbBwdT = 32;  // tile edge: 32 k x 32 n per block, 32 examples per step
 
 // Grid (ceil(K / 32), ceil(N / 32)): dW[n, k] = sum_b dpre[b, n] feats[b, k]; column-0 blocks also
 // write db[n] = sum_b dpre[b, n]. dpre = grad * SiLU'(pre) is recomputed per tile (cheap).
@@ -418,10 +431,6 @@ __global__ void alpha_sigma_kernel(const float* __restrict__ logsnr, int64_t bat
   if (b < batch) alpha_sigma(logsnr[b], &alpha[b], &sigma[b]);
 }
 
-unsigned int blocks_for(int64_t numel) {
-  return static_cast<unsigned int>((numel + 4 * kThreads - 1) / (4 * kThreads));
-}
-
 cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 template <typename F>
@@ -435,22 +444,18 @@ void dispatch_bool(bool flag, F&& body) {
 
 }  // namespace
 
-int64_t loss_workspace_cuda(int64_t numel, int64_t batch) {
-  if (batch == 0) return 0;
-  const int64_t per = numel / batch;
-  return batch * std::max<int64_t>(1, (per + kLossChunk - 1) / kLossChunk);
-}
 
 void noise_inject_cuda(const NoiseArgs& a, int device, uintptr_t stream) {
   if (a.numel == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(elementwise_grid(a.numel), "noise_inject"));
+  const DeviceGuard guard(device);
   const int64_t per = a.numel / a.batch;
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = aligned4(a.x, sizeof(T)) && aligned4(a.z, sizeof(T)) &&
                      (a.eps == nullptr || aligned4(a.eps, sizeof(T)));
     dispatch_bool(vec, [&](auto kVec) {
-      noise_inject_kernel<T, decltype(kVec)::value><<<blocks_for(a.numel), kThreads, 0, as_stream(stream)>>>(
+      noise_inject_kernel<T, decltype(kVec)::value><<<grid, kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(a.x), static_cast<T*>(a.z), static_cast<T*>(a.eps), a.logsnr, a.seed, a.numel, per);
     });
   });
@@ -459,13 +464,14 @@ void noise_inject_cuda(const NoiseArgs& a, int device, uintptr_t stream) {
 
 void noise_backward_cuda(const ScaleArgs& a, int device, uintptr_t stream) {
   if (a.numel == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(elementwise_grid(a.numel), "noise_inject backward"));
+  const DeviceGuard guard(device);
   const int64_t per = a.numel / a.batch;
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = aligned4(a.grad, sizeof(T)) && aligned4(a.dx, sizeof(T));
     dispatch_bool(vec, [&](auto kVec) {
-      scale_kernel<T, decltype(kVec)::value><<<blocks_for(a.numel), kThreads, 0, as_stream(stream)>>>(
+      scale_kernel<T, decltype(kVec)::value><<<grid, kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(a.grad), static_cast<T*>(a.dx), a.logsnr, a.numel, per);
     });
   });
@@ -474,16 +480,17 @@ void noise_backward_cuda(const ScaleArgs& a, int device, uintptr_t stream) {
 
 void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int device, uintptr_t stream) {
   if (a.batch == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(loss_forward_grid(a.numel, a.batch), "diffusion_loss"));
+  const dim3 finalize_grid = as_dim3(checked(per_example_grid(a.batch), "diffusion_loss finalize"));
+  const DeviceGuard guard(device);
   const int64_t per = a.numel / a.batch;
-  const int64_t chunks = loss_workspace_cuda(a.numel, a.batch) / a.batch;
+  const int64_t chunks = loss_chunks(per);
   if (per > 0) {
     dispatch_dtype(a.pred_dtype, [&](auto pred_tag) {
       dispatch_dtype(a.x_dtype, [&](auto x_tag) {
         using TP = decltype(pred_tag);
         using TX = decltype(x_tag);
         const bool vec = aligned4(a.pred, sizeof(TP)) && aligned4(a.x, sizeof(TX));
-        const unsigned int grid = static_cast<unsigned int>(chunks * a.batch);
         loss_forward_kernel<TP, TX><<<grid, kThreads, 0, as_stream(stream)>>>(
             static_cast<const TP*>(a.pred), static_cast<const TX*>(a.x), a.logsnr, a.seed, per, chunks, vec,
             a.v_prediction, workspace);
@@ -491,9 +498,10 @@ void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int devi
     });
     check_launch("diffusion_loss");
   } else {
-    cudaMemsetAsync(workspace, 0, sizeof(float) * a.batch * chunks, as_stream(stream));
+    check_cuda(cudaMemsetAsync(workspace, 0, sizeof(float) * a.batch * chunks, as_stream(stream)),
+               "cudaMemsetAsync");
   }
-  loss_finalize_kernel<<<static_cast<unsigned int>((a.batch + 127) / 128), 128, 0, as_stream(stream)>>>(
+  loss_finalize_kernel<<<finalize_grid, kVectorThreads, 0, as_stream(stream)>>>(
       workspace, chunks, a.batch, a.logsnr, a.neg_dlogsnr_dt, a.has_bias, a.loss_factor, a.bias, out);
   check_launch("diffusion_loss finalize");
 }
@@ -501,7 +509,8 @@ void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int devi
 void loss_backward_cuda(const LossArgs& a, const float* grad_out, void* dpred, void* dx, int device,
                         uintptr_t stream) {
   if (a.numel == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(elementwise_grid(a.numel), "diffusion_loss backward"));
+  const DeviceGuard guard(device);
   const int64_t per = a.numel / a.batch;
   dispatch_dtype(a.pred_dtype, [&](auto pred_tag) {
     dispatch_dtype(a.x_dtype, [&](auto x_tag) {
@@ -509,7 +518,7 @@ void loss_backward_cuda(const LossArgs& a, const float* grad_out, void* dpred, v
       using TX = decltype(x_tag);
       const bool vec = aligned4(a.pred, sizeof(TP)) && aligned4(a.x, sizeof(TX)) &&
                        aligned4(dpred, sizeof(TP)) && (dx == nullptr || aligned4(dx, sizeof(TX)));
-      loss_backward_kernel<TP, TX><<<blocks_for(a.numel), kThreads, 0, as_stream(stream)>>>(
+      loss_backward_kernel<TP, TX><<<grid, kThreads, 0, as_stream(stream)>>>(
           static_cast<const TP*>(a.pred), static_cast<const TX*>(a.x), a.logsnr, a.neg_dlogsnr_dt, a.seed,
           grad_out, a.has_bias, a.loss_factor, a.bias, static_cast<TP*>(dpred), static_cast<TX*>(dx), a.numel,
           per, vec, a.v_prediction);
@@ -520,11 +529,10 @@ void loss_backward_cuda(const LossArgs& a, const float* grad_out, void* dpred, v
 
 void embed_forward_cuda(const EmbedArgs& a, void* out, float* pre, float* feats, int device, uintptr_t stream) {
   if (a.batch == 0 || a.nout == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(embed_forward_grid(a.batch, a.nout), "logsnr_embed"));
+  const DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const dim3 grid(static_cast<unsigned int>((a.batch + kEmbTB - 1) / kEmbTB),
-                    static_cast<unsigned int>((a.nout + kEmbTN - 1) / kEmbTN));
     embed_forward_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
         a.logsnr, a.freqs, static_cast<const T*>(a.weight), static_cast<const T*>(a.bias), static_cast<T*>(out),
         pre, feats, a.batch, a.nfreq, a.nout);
@@ -535,12 +543,10 @@ void embed_forward_cuda(const EmbedArgs& a, void* out, float* pre, float* feats,
 void embed_backward_cuda(const EmbedArgs& a, const void* grad_out, const float* pre, const float* feats,
                          void* dweight, void* dbias, int device, uintptr_t stream) {
   if (a.nout == 0) return;
-  use_device(device);
+  const dim3 grid = as_dim3(checked(embed_backward_grid(a.nfreq, a.nout), "logsnr_embed backward"));
+  const DeviceGuard guard(device);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t K = std::max<int64_t>(1, 2 * a.nfreq);  // K = 0 still needs blocks that write db
-    const dim3 grid(static_cast<unsigned int>((K + kEmbBwdT - 1) / kEmbBwdT),
-                    static_cast<unsigned int>((a.nout + kEmbBwdT - 1) / kEmbBwdT));
     embed_backward_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
         static_cast<const T*>(grad_out), pre, feats, static_cast<T*>(dweight), static_cast<T*>(dbias), a.batch,
         a.nfreq, a.nout);
@@ -550,16 +556,18 @@ void embed_backward_cuda(const EmbedArgs& a, const void* grad_out, const float* 
 
 void philox_normal_cuda(const int64_t* seed, int64_t numel, float* out, int device, uintptr_t stream) {
   if (numel == 0) return;
-  use_device(device);
-  philox_normal_kernel<<<blocks_for(numel), kThreads, 0, as_stream(stream)>>>(seed, numel, out);
+  const dim3 grid = as_dim3(checked(elementwise_grid(numel), "philox_normal"));
+  const DeviceGuard guard(device);
+  philox_normal_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(seed, numel, out);
   check_launch("philox_normal");
 }
 
 void alpha_sigma_cuda(const float* logsnr, int64_t batch, float* alpha, float* sigma, int device,
                       uintptr_t stream) {
   if (batch == 0) return;
-  use_device(device);
-  alpha_sigma_kernel<<<static_cast<unsigned int>((batch + 127) / 128), 128, 0, as_stream(stream)>>>(
+  const dim3 grid = as_dim3(checked(per_example_grid(batch), "alpha_sigma"));
+  const DeviceGuard guard(device);
+  alpha_sigma_kernel<<<grid, kVectorThreads, 0, as_stream(stream)>>>(
       logsnr, batch, alpha, sigma);
   check_launch("alpha_sigma");
 }

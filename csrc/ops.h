@@ -1,7 +1,7 @@
 // Kernel entry points: plain C++ types and raw pointers only, so the extension needs no torch headers.
-// Pointers come from torch tensors' data_ptr(); Python checks shapes, dtypes, devices and contiguity
-// (ul_fast/kernels/extension_ops.py). "numel" is the element count of x, "batch" its leading dimension; each
-// example holds numel / batch contiguous elements.
+// Pointers come from torch tensors' data_ptr() and reach these functions only through the checked bindings
+// (csrc/bindings.cpp, csrc/boundary.h: every buffer's dtype, length, device and alignment). "numel" is the
+// element count of x, "batch" its leading dimension; each example holds numel / batch contiguous elements.
 #pragma once
 
 #include <cstddef>
@@ -70,8 +70,7 @@ void alpha_sigma_cpu(const float* logsnr, int64_t batch, float* alpha, float* si
 #ifdef UL_FAST_WITH_CUDA
 // ---- CUDA (stream = cudaStream_t as an integer, device = the tensors' device index; every call is
 // asynchronous on that stream and throws std::runtime_error if a launch fails) ----
-// Number of fp32 partial sums loss_forward_cuda needs as workspace.
-int64_t loss_workspace_cuda(int64_t numel, int64_t batch);
+// loss_forward_cuda's workspace holds loss_workspace(numel, batch) fp32 partial sums (launch.h).
 void noise_inject_cuda(const NoiseArgs& a, int device, uintptr_t stream);
 void noise_backward_cuda(const ScaleArgs& a, int device, uintptr_t stream);
 void loss_forward_cuda(const LossArgs& a, float* out, float* workspace, int device, uintptr_t stream);

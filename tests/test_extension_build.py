@@ -1,6 +1,7 @@
 """The C++/CUDA extension ``ul_fast._C``: it builds from a clean clone (CPU part; the CUDA compile is covered by
 the main install, which test_build_info_reports_the_build checks) and the wheel's module works; the loader
-refuses a stale or mismatched build; the source hash both setup.py and the loader use; ``build_info``."""
+refuses a stale or mismatched build; the source hash both setup.py and the loader use; ``build_info``; the
+checked boundary (keyword arguments, Views checked in C++) refuses a wrong argument with a clear error."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_wheel_builds_from_clean_clone(tmp_path):
         api_version = {extension_version.API_VERSION}
         assert ext.WITH_CUDA is False and ext.API_VERSION == api_version, (ext.WITH_CUDA, ext.API_VERSION)
         words = np.zeros(8, dtype=np.uint32)
-        ext.philox_words_cpu(7, 0, 2, words.ctypes.data)
+        ext.philox_words(seed=7, first=0, out=(words.ctypes.data, 8, 4, -1))
         print(" ".join(str(int(w)) for w in words))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -105,3 +106,60 @@ def test_build_info_reports_the_build():
     assert info["cuda"], "nvcc is on PATH but ul_fast._C was built without its CUDA kernels"
     assert "90a" in info["cuda_archs"] and "80" in info["cuda_archs"]
     assert "cuda" in info["nvcc"].lower()
+
+
+# ---- the checked boundary (csrc/boundary.h) --------------------------------------------------------------
+
+def _boundary_case(case: str):
+    """A direct ``_C.noise_inject`` / ``_C.loss_forward`` call with one argument wrong, as a bug in the Python
+    wrapper would pass it; every other argument is right."""
+    import torch
+
+    C, view = extension_ops._C, extension_ops._view
+    x, z, logsnr, seed = torch.randn(4, 3), torch.empty(4, 3), torch.zeros(4), torch.tensor([1])
+    noise = dict(x=view(x), z=view(z), eps=None, logsnr=view(logsnr), seed=view(seed), batch=4)
+    if case == "swapped sizes":  # logsnr and x swapped: x's 12 values read as 4 log-SNRs, and vice versa
+        noise.update(x=view(logsnr), logsnr=view(x))
+    elif case == "short z":
+        noise.update(z=view(z[:3]))
+    elif case == "bfloat16 logsnr":
+        noise.update(logsnr=view(logsnr.bfloat16()))
+    elif case == "unknown dtype code":
+        noise.update(seed=(seed.data_ptr(), 1, 9, -1))
+    elif case == "misaligned x":
+        noise.update(x=(x.data_ptr() + 1, 12, 0, -1))
+    elif case == "x on another device":
+        noise.update(x=(x.data_ptr(), 12, 0, 0))
+    elif case == "batch does not divide x":
+        noise.update(batch=5, logsnr=view(torch.zeros(5)))
+    elif case == "short loss out":
+        ndl = torch.ones(4)
+        return lambda: C.loss_forward(pred=view(x), x=view(x), logsnr=view(logsnr), neg_dlogsnr_dt=view(ndl),
+                                      seed=view(seed), batch=4, v_prediction=True, loss_factor=1.0, bias=None,
+                                      out=view(torch.empty(3)))
+    return lambda: C.noise_inject(**noise)
+
+
+@needs_ext
+@pytest.mark.parametrize("case,message", [
+    ("swapped sizes", "z must hold 4 elements, got 12"),
+    ("short z", "z must hold 12 elements, got 9"),
+    ("bfloat16 logsnr", r"logsnr must be float32, got dtype code 2 \(bfloat16\)"),
+    ("unknown dtype code", r"seed must be int64, got dtype code 9 \(unknown\)"),
+    ("misaligned x", "x: address .* is not a valid 4-byte aligned float32 address"),
+    ("x on another device", "logsnr is on cpu but x is on cuda:0|z is on cpu but x is on cuda:0"),
+    ("batch does not divide x", "batch 5 does not divide the 12 elements of x"),
+    ("short loss out", "out must hold 4 elements, got 3"),
+])
+def test_boundary_refuses_a_wrong_argument(case, message):
+    with pytest.raises(ValueError, match=message):
+        _boundary_case(case)()
+
+
+@needs_ext
+def test_boundary_takes_keyword_arguments_only():
+    import torch
+
+    x = extension_ops._view(torch.zeros(2))
+    with pytest.raises(TypeError):
+        extension_ops._C.noise_inject(x, x, None, x, x, 2)  # positional: refused, names are the contract

@@ -115,7 +115,8 @@ def test_loss_matches_reference(shape, dtype, options):
     _compare(shape, dtype, dtype, options, seed=hash((shape, str(dtype), options)) % 2**31)
 
 
-@pytest.mark.parametrize("pred_dtype,x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("pred_dtype,x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                                (torch.float16, torch.bfloat16)])
 def test_mixed_dtypes(pred_dtype, x_dtype):
     _compare((3, 4, 33), pred_dtype, x_dtype, ("v", 1.0, 1.0), seed=77)
 
@@ -190,6 +191,16 @@ def test_public_op_checks_the_prediction_and_loss_factor(backend, monkeypatch):
         ops.diffusion_loss(pred, x, logsnr, ndl, seed, "v", 0.0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch_is_an_error_on_every_backend(backend, monkeypatch):
+    """One meaning for B = 0 (the reference used to crash in a reshape, the kernel to return an empty loss):
+    a ValueError from the public op, as noise_inject gives."""
+    monkeypatch.setenv("UL_FAST_BACKEND", backend)
+    pred, x, logsnr, ndl, seed = _inputs((0, 3), torch.float32, torch.float32, 1)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ops.diffusion_loss(pred, x, logsnr, ndl, seed)
+
+
 @pytest.mark.parametrize("case", ["short logsnr", "short neg_dlogsnr_dt", "empty seed", "scalar x",
                                   "backward: short grad", "backward: short logsnr", "unknown prediction",
                                   "backward: unknown prediction"])
@@ -235,6 +246,20 @@ def test_opcheck_loss(prediction, bias):
 @pytest.mark.parametrize("shape", SHAPES + [(8, 16, 64, 64)])
 def test_cuda_loss_matches_reference(shape, dtype, options):
     _compare(shape, dtype, dtype, options, seed=3, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pred_dtype,x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                                (torch.float16, torch.bfloat16)])
+def test_cuda_mixed_dtypes(pred_dtype, x_dtype):
+    _compare((3, 4, 33), pred_dtype, x_dtype, ("v", 1.0, 1.0), seed=77, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(70_000, 1), (1025, 3)])
+def test_cuda_loss_many_small_examples(shape):
+    """One block per example in the forward (70,000 blocks), 1024+ examples per block in the backward."""
+    _compare(shape, torch.float32, torch.float32, ("v", 1.5, 2.0), seed=13, device="cuda")
 
 
 @pytest.mark.gpu

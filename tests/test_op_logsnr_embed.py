@@ -100,6 +100,19 @@ def test_no_grad_for_logsnr_and_frequencies():
     assert dlogsnr is None and dweight is not None
 
 
+@pytest.mark.parametrize("backend", ["auto", "fast"])
+def test_public_op_gives_the_gradients_asked_for(backend, monkeypatch):
+    """The kernel cannot differentiate λ: where λ requires a gradient the public op runs the reference."""
+    monkeypatch.setenv("UL_FAST_BACKEND", backend)
+    logsnr, frequencies, weight, bias, _ = _inputs(4, 3, 5, torch.float32, seed=2)
+    assert extension.embed_supports(logsnr, frequencies, weight, bias)
+    logsnr.requires_grad_(True)
+    out = ops.logsnr_embed(logsnr, frequencies, weight, bias)
+    (dlogsnr,) = torch.autograd.grad(out.sum(), [logsnr])
+    (expected,) = torch.autograd.grad(reference.logsnr_embed(logsnr, frequencies, weight, bias).sum(), [logsnr])
+    torch.testing.assert_close(dlogsnr, expected)
+
+
 def test_bad_input_errors():
     logsnr, frequencies, weight, bias, _ = _inputs(4, 3, 5, torch.float32, seed=2)
     with pytest.raises(ValueError, match="weight must have shape"):

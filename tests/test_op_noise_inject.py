@@ -218,6 +218,16 @@ def test_custom_op_checks_the_sizes_it_reads(case):
         calls[case]()
 
 
+@pytest.mark.parametrize("noise_inject", BACKENDS + [pytest.param(ops.noise_inject, id="public")])
+def test_negative_seed_is_its_bit_pattern_on_every_backend(noise_inject):
+    """One meaning on every backend: an int64 seed is its 64-bit two's-complement pattern (the kernels read it
+    on the device, where they cannot raise), so -5 draws the spec's stream for 2^64 - 5."""
+    x, logsnr, _ = _inputs((3, 41), torch.float32, torch.Generator().manual_seed(6))
+    _, eps = noise_inject(x, logsnr, torch.tensor([-5]), True)
+    spec = philox_normal(x.numel(), 2**64 - 5).reshape(x.shape)
+    assert _ulps(eps, spec).max() <= 4
+
+
 @pytest.mark.parametrize("noise_inject", BACKENDS)
 def test_empty_example_dims(noise_inject):
     z, eps = noise_inject(torch.zeros(3, 0), torch.zeros(3), torch.tensor([1]), True)
@@ -254,6 +264,41 @@ def test_cuda_noise_matches_reference(shape, dtype):
     # Misaligned storage takes the scalar path and must agree too.
     x_off = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape).copy_(x)
     assert torch.equal(extension.noise_inject(x_off, logsnr, seed, True)[0], z)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1025, 70_000])
+def test_cuda_noise_one_element_per_example(batch):
+    """More examples per block than threads (each block of 1024 elements spans 1024 examples) and a grid
+    of more than 65,535 blocks' worth of examples: z matches the formula with the kernel's own α, σ, ε."""
+    x, logsnr, seed = (t.cuda() for t in _inputs((batch, 1), torch.float32, torch.Generator().manual_seed(7)))
+    z, eps = extension.noise_inject(x, logsnr, seed, True)
+    alpha, sigma = extension.alpha_sigma(logsnr)
+    assert torch.equal(eps.reshape(-1), extension.philox_normal(batch, seed))
+    assert torch.equal(z, alpha[:, None] * x + sigma[:, None] * eps)
+    (dx,) = torch.autograd.grad(extension.noise_inject(x.requires_grad_(True), logsnr, seed)[0], x, torch.ones_like(x))
+    assert torch.equal(dx, alpha[:, None].expand_as(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_ops_on_a_non_current_device_keep_the_current_device():
+    """Tensors on cuda:1 while cuda:0 is current: right results, and cuda:0 is still current after each op."""
+    torch.cuda.set_device(0)
+    x, logsnr, seed = (t.to("cuda:1") for t in _inputs((4, 3, 17), torch.float32, torch.Generator().manual_seed(9)))
+    z, eps = extension.noise_inject(x, logsnr, seed, True)
+    assert torch.cuda.current_device() == 0 and z.device == x.device
+    own = extension.philox_normal(x.numel(), seed).reshape(x.shape)
+    alpha, sigma = extension.alpha_sigma(logsnr)
+    assert torch.equal(eps, own)
+    assert torch.equal(z, alpha[:, None, None] * x + sigma[:, None, None] * own)
+    pred = torch.randn_like(x).requires_grad_(True)
+    loss = extension.diffusion_loss(pred, x, logsnr, torch.ones_like(logsnr), seed, "eps")
+    (dpred,) = torch.autograd.grad(loss.sum(), pred)
+    assert torch.cuda.current_device() == 0
+    torch.testing.assert_close(loss, 0.5 * (own - pred).square().sum((1, 2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpred, pred.detach() - own, rtol=1e-5, atol=1e-5)
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.gpu

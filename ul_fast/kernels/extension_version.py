@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-API_VERSION = 1
+API_VERSION = 2
 """The Python <-> ``_C`` calling convention: bump it with any change to the functions ``_C`` exports."""
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"

@@ -36,7 +36,8 @@ def draw_seed(device: torch.device | str, generator: torch.Generator | None = No
     """A fresh noise seed as an int64 tensor ``[1]`` on ``device``, drawn from torch's generator.
 
     Drawing on the device (not from the host clock) keeps ``torch.manual_seed`` reproducible and makes
-    the noise ops CUDA-graph safe.
+    the noise ops CUDA-graph safe. Any int64 is a valid seed (its 64-bit pattern is the Philox key, on every
+    backend); draws stay below ``SEED_HIGH``.
     """
     return torch.randint(0, SEED_HIGH, (1,), device=device, generator=generator, dtype=torch.int64)
 
@@ -92,6 +93,8 @@ def diffusion_loss(
     _check_float("x", x)
     if pred.shape != x.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and x {tuple(x.shape)} must have the same shape")
+    if x.dim() < 1 or x.shape[0] == 0:  # as noise_inject: an empty batch is a caller's bug on every backend
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     _check_per_example("logsnr", logsnr, x)
     _check_per_example("neg_dlogsnr_dt", neg_dlogsnr_dt, x)
     _check_seed(seed, x)
@@ -110,7 +113,11 @@ def diffusion_loss(
 def logsnr_embed(
     logsnr: torch.Tensor, frequencies: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """``SiLU(W·[sin λf, cos λf] + b)``: ``[B]`` → ``[B, N]``; see :func:`reference.logsnr_embed`."""
+    """``SiLU(W·[sin λf, cos λf] + b)``: ``[B]`` → ``[B, N]``; see :func:`reference.logsnr_embed`.
+
+    The compiled kernel gives gradients to ``weight`` and ``bias`` only, none to λ or the frequencies (the
+    model's λ comes from the schedule and its frequencies are a fixed buffer), so where either requires a
+    gradient the reference runs, which differentiates every input."""
     if logsnr.dim() != 1:
         raise ValueError(f"logsnr must have shape [B], got {tuple(logsnr.shape)}")
     if weight.dim() != 2 or weight.shape[1] != 2 * frequencies.numel():

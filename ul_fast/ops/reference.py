@@ -20,12 +20,15 @@ __all__ = ["adaln_layernorm", "alpha_sigma", "attention", "diffusion_loss", "fou
 def gaussian_noise(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> torch.Tensor:
     """Standard normals of ``shape`` (fp32) drawn from ``seed`` (int64 tensor of one element).
 
-    The values are a pure function of the seed and the flat index: see :mod:`ul_fast.ops.philox`.
+    The values are a pure function of the seed and the flat index: see :mod:`ul_fast.ops.philox`. Every int64
+    is a valid seed: the 64-bit key is its two's-complement bit pattern (so ``-1`` means ``2^64 − 1``), as in
+    the compiled kernels, which read the seed on the device and cannot raise on its value.
     """
     numel = 1
     for size in shape:
         numel *= int(size)
-    return philox_normal(numel, int(seed.reshape(-1)[0].item()), seed.device).reshape(shape)
+    bits = int(seed.reshape(-1)[0].item()) & (2**64 - 1)
+    return philox_normal(numel, bits, seed.device).reshape(shape)
 
 
 def noise_inject(
@@ -92,6 +95,8 @@ def logsnr_embed(
     """First stage of the noise-level embedding: ``SiLU(W·fourier(λ) + b)``.
 
     logsnr ``[B]``; frequencies ``[F]``; weight ``[N, 2F]``; bias ``[N]`` → ``[B, N]`` in weight.dtype.
+    Gradients flow to every input here; the compiled kernel (``ul_fast.kernels.extension_ops``) gives none to
+    λ and the frequencies.
     """
     features = fourier_features(logsnr, frequencies).to(weight.dtype)
     return F.silu(F.linear(features, weight, bias))
