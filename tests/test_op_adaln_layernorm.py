@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from ul_fast import ops  # noqa: E402
 from ul_fast.kernels import triton_adaln as tn  # noqa: E402
-from ul_fast.ops import reference  # noqa: E402
+from ul_fast.ops import dispatch, reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +85,7 @@ def test_matches_reference(shape, dtype):
 def test_chunking_covers_every_row():
     """The backward grid splits each example into chunks of whole tiles that cover S exactly."""
     for B, S in ((2, 21), (1, 5), (3, 1), (256, 256)):
-        _, rows, _ = tn._launch_shape(32)
+        _, rows, _ = tn._launch_shape(32, backward=True)
         n, per_chunk = tn._chunking(B, S, rows, torch.device("cpu"))
         assert per_chunk % rows == 0 and (n - 1) * per_chunk < S <= n * per_chunk
 
@@ -164,32 +164,61 @@ def test_supports_what_the_kernels_handle():
     assert not tn.supports(wide, wide[:, 0], wide[:, 0], EPS)
 
 
+def _check_dispatch(monkeypatch, device: str) -> None:
+    """``ops.adaln_layernorm`` launches the Triton kernels for inputs ``supports`` accepts and the reference for
+    the others (here more than MAX_CHANNELS channels) — seen by which code runs, not by results differing. On
+    CPU (interpreter) the kernel table gets a cpu entry."""
+    monkeypatch.delenv("UL_FAST_BACKEND", raising=False)
+    if device == "cpu":
+        monkeypatch.setitem(dispatch.KERNELS, ("adaln_layernorm", "cpu"), tn.KERNELS[("adaln_layernorm", "cuda")])
+    calls = []
+    forward = tn._forward
 
-def test_kernels_compile_for_sm90(compile_for_sm90):
-    """Compile the GPU configuration for Hopper (sm_90) with triton's bundled ptxas — no GPU needed (see
-    test_op_attention.py)."""
-    compile_for_sm90("""
-from ul_fast.kernels import triton_adaln as tn
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return forward(*args)
 
-block_c, rows, warps = tn._launch_shape(768)
-for kern, names in ((tn._adaln_fwd, "X SCALE SHIFT Y"), (tn._adaln_bwd, "X SCALE DY DX")):
-    ptrs = {n: "*bf16" for n in names.split()} | {"DSCALE_PART": "*fp32", "DSHIFT_PART": "*fp32"}
-    build(kern, ptrs, {"BLOCK_C": block_c, "ROWS": rows}, warps, 3)
-""")
+    monkeypatch.setattr(tn, "_forward", spy)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, mod = torch.randn(4, 9, 768, device=device, dtype=dtype), torch.randn(4, 1536, device=device, dtype=dtype)
+    assert tn.supports(x, *mod.chunk(2, dim=1), EPS)
+    ops.adaln_layernorm(x, *mod.chunk(2, dim=1), EPS)
+    assert calls == [(4, 9, 768)]
+    wide = torch.randn(1, 1, tn.MAX_CHANNELS + 1, device=device, dtype=dtype)
+    assert not tn.supports(wide, wide[:, 0], wide[:, 0], EPS)
+    ops.adaln_layernorm(wide, wide[:, 0], wide[:, 0], EPS)
+    assert calls == [(4, 9, 768)]
+
+
+@pytest.mark.skipif(not tn.INTERPRET, reason="CPU tensors run the kernels only in the interpreter")
+def test_public_op_runs_the_kernel_exactly_where_supports_accepts(monkeypatch):
+    _check_dispatch(monkeypatch, "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_public_op_runs_the_kernel_exactly_where_supports_accepts(monkeypatch):
+    _check_dispatch(monkeypatch, "cuda")
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(4, 256, 768), (3, 77, 1024), (2, 100, 384), (1, 33, 1000)])
+@pytest.mark.parametrize("shape", [(4, 256, 768), (3, 77, 1024), (2, 100, 384), (1, 33, 1000), (2, 5, 6000)])
 def test_gpu_matches_reference(shape, dtype):
+    """(2, 5, 6000): a row wider than 4096 channels, the backward's 32-warp configuration."""
     _check(shape, dtype, "cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_public_op_uses_triton(monkeypatch):
-    from ul_fast import ops
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_more_than_65535_examples(dtype):
+    """70,000 examples of one row: forward and backward grids beyond 65,535 programs."""
+    _check((70000, 1, 16), dtype, "cuda")
 
-    monkeypatch.delenv("UL_FAST_BACKEND", raising=False)
-    x = torch.randn(4, 64, 768, device="cuda", dtype=torch.bfloat16)
-    scale, shift = torch.randn(4, 1536, device="cuda", dtype=torch.bfloat16).chunk(2, dim=1)
-    torch.testing.assert_close(ops.adaln_layernorm(x, scale, shift, EPS),
-                               tn.adaln_layernorm(x, scale, shift, EPS), rtol=0, atol=0)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_non_current_device():
+    """Tensors on cuda:1 while cuda:0 is current: right results, and the current device is unchanged."""
+    with torch.cuda.device(0):
+        _check((3, 77, 1024), torch.bfloat16, "cuda:1")
+        assert torch.cuda.current_device() == 0

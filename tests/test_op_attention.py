@@ -11,6 +11,9 @@ value, because the interpreter converts fp32 → bf16 by truncation where a GPU 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -20,7 +23,7 @@ pytest.importorskip("triton")
 
 from ul_fast.kernels import triton_adaln as tn  # noqa: E402
 from ul_fast.kernels import triton_attention as ta  # noqa: E402
-from ul_fast.ops import reference  # noqa: E402
+from ul_fast.ops import dispatch, reference  # noqa: E402
 
 # The interpreter's scalar conversions trip a NumPy deprecation on every loop bound.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -206,27 +209,94 @@ def test_supports_self_attention_at_its_head_dims():
     """The dispatch predicate: one sequence length, a head dim in HEAD_DIMS, one fp32/fp16/bf16 dtype;
     cross-attention (S_k ≠ S_q) and anything else takes the reference."""
     q = torch.randn(1, 8, 2, 32, device=DEVICE)
-    assert ta.supports(q, q, q)
+    assert ta.supports(q, q, q) == (ta.faster_than_reference(8, 32, q.dtype) if q.is_cuda else True)
     assert not ta.supports(q, q[:, :5], q[:, :5])  # cross-attention
     assert not ta.supports(q[..., :24], q[..., :24], q[..., :24])  # head dim 24
     assert not ta.supports(q, q.half(), q)
     assert not ta.supports(q.double(), q.double(), q.double())
 
 
-def test_kernels_compile_for_sm90(compile_for_sm90):
-    """Compile the GPU configurations for Hopper (sm_90) with triton's bundled ptxas — no GPU needed.
-    Catches what the interpreter cannot: type errors in tl.dot operands, unsupported layouts, and
-    shared-memory use beyond the H100's 227 KB."""
-    compile_for_sm90("""
+def test_cuda_takes_the_kernels_only_where_they_beat_sdpa():
+    """On CUDA: fp16/bf16 at the long sequences where the H200 measurement has the kernels faster than SDPA
+    forward and backward; fp32 (the correctness path) and short sequences take the reference."""
+    for dtype in (torch.bfloat16, torch.float16):
+        assert ta.faster_than_reference(1024, 128, dtype) and ta.faster_than_reference(4096, 64, dtype)
+        assert not ta.faster_than_reference(1024, 64, dtype)  # 0.905 ms against SDPA's 0.805
+        assert not ta.faster_than_reference(256, 128, dtype) and not ta.faster_than_reference(64, 64, dtype)
+    assert not any(ta.faster_than_reference(S, D, torch.float32) for S in (64, 1024, 8192) for D in ta.HEAD_DIMS)
+
+
+def test_row_offsets_past_two_to_the_31(tmp_path):
+    """Rows of q, k, v whose element offset ``row·stride`` passes 2^31 (as a long sequence of a wide fused qkv
+    would) are read at the right addresses: the kernels compute offsets in int64. The rows sit 150M elements
+    apart in one 4.8 GB allocation of which only the 17 rows are ever touched; forward and backward must match
+    compact copies exactly. (With int32 offsets the reads wrap to negative offsets: garbage or a crash, so the
+    check runs in a subprocess.)"""
+    script = tmp_path / "far_rows.py"
+    script.write_text("""
+import torch
 from ul_fast.kernels import triton_attention as ta
 
-for dt, D in (("fp16", 64), ("bf16", 128)):
-    for kern, names in ((ta._attn_fwd, "Q K V O"), (ta._attn_bwd_dkdv, "Q K V DO DK DV"),
-                        (ta._attn_bwd_dq, "Q K V DO DQ")):
-        ptrs = {n: "*" + dt for n in names.split()} | {"LSE": "*fp32", "DELTA": "*fp32"}
-        c = kern.configs[0]
-        build(kern.fn, ptrs, {"HEAD_DIM": D, "UPCAST": False, **c.kwargs}, c.num_warps, c.num_stages)
+S, D, stride = 17, 16, 150_000_000  # row 15 starts at 2.25e9 elements, past 2^31
+buf = torch.empty(stride * (S - 1) + 3 * D, dtype=torch.float16)  # address space only: untouched pages
+gen = torch.Generator().manual_seed(0)
+buf.as_strided((S, 3 * D), (stride, 1)).copy_(torch.randn(S, 3 * D, generator=gen))
+far = [buf.as_strided((1, S, 1, D), (stride * S, stride, D, 1), i * D) for i in range(3)]
+near = [t.contiguous() for t in far]
+grad = torch.randn(1, S, 1, D, generator=gen).half()
+results = []
+for q, k, v in (far, near):
+    out, lse = torch.ops.ul_fast.flash_attention(q, k, v)
+    results.append((out, lse, *torch.ops.ul_fast.flash_attention_backward(grad, q, k, v, out, lse, None)))
+for a, b in zip(*results):
+    assert torch.equal(a, b), (a - b).abs().max()
+print("ok")
 """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-3000:])
+
+
+def _record_kernel_runs(monkeypatch, module) -> list:
+    """Wrap ``module._forward`` (what its custom op runs: the kernel launches) to record each call's input shape."""
+    calls = []
+    forward = module._forward
+
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return forward(*args)
+
+    monkeypatch.setattr(module, "_forward", spy)
+    return calls
+
+
+def _check_dispatch(monkeypatch, device: str) -> None:
+    """``ops.attention`` launches the Triton kernels for inputs ``supports`` accepts and the reference for the
+    others — seen by which code runs, not by results differing. On CUDA: bf16 at S = 1024, D = 128 takes the
+    kernels, fp32 and a short sequence do not; on CPU (interpreter) the table gets a cpu entry."""
+    from ul_fast import ops
+
+    monkeypatch.delenv("UL_FAST_BACKEND", raising=False)
+    if device == "cpu":
+        monkeypatch.setitem(dispatch.KERNELS, ("attention", "cpu"), ta.KERNELS[("attention", "cuda")])
+        taken, refused = torch.randn(1, 17, 2, 16), [torch.randn(1, 17, 2, 24)]
+    else:
+        taken = torch.randn(1, 1024, 2, 128, device=device, dtype=torch.bfloat16)
+        refused = [taken.float(), taken[:, :64]]
+    calls = _record_kernel_runs(monkeypatch, ta)
+    assert ta.supports(taken, taken, taken)
+    ops.attention(taken, taken, taken)
+    assert calls == [tuple(taken.shape)]
+    cross = taken[:, :5]
+    for q, k in [(x, x) for x in refused] + [(taken, cross)]:
+        assert not ta.supports(q, k, k)
+        ops.attention(q, k, k)
+    assert calls == [tuple(taken.shape)]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors run the kernels only in the interpreter")
+def test_public_op_runs_the_kernel_exactly_where_supports_accepts(monkeypatch):
+    _check_dispatch(monkeypatch, "cpu")
 
 
 # ---------------------------------------------------------------- GPU tests
@@ -246,14 +316,39 @@ def test_gpu_fp32_is_full_precision():
 
 
 @pytest.mark.gpu
-def test_gpu_public_op_uses_triton_and_compiles_with_inductor(monkeypatch):
-    from ul_fast import ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("seq_len", [8, 33, 77])
+def test_gpu_short_and_ragged_sequences_at_the_extreme_head_dims(seq_len, head_dim, dtype):
+    """S ≤ 32 (one partial block) and lengths that are no multiple of any block, at head dims 16 and 128."""
+    _check_against_reference((2, seq_len, 3, head_dim), dtype, "cuda")
 
-    monkeypatch.delenv("UL_FAST_BACKEND", raising=False)
-    qkv = torch.randn(2, 130, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.unbind(2)
-    torch.testing.assert_close(ops.attention(q, k, v), ta.flash_attention(q, k, v), rtol=0, atol=0)
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_more_than_65535_batch_heads(dtype):
+    """B·H = 65,600 programs per sequence block (a sampling batch of 4,100 at 16 heads), forward and backward:
+    on grid axis 1 this launch would fail."""
+    _check_against_reference((4100, 8, 16, 16), dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_non_current_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device (right results) and
+    the caller's current device is unchanged afterwards."""
+    with torch.cuda.device(0):
+        _check_against_reference((2, 77, 2, 64), torch.bfloat16, "cuda:1")
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.gpu
+def test_gpu_public_op_runs_the_kernel_exactly_where_supports_accepts(monkeypatch):
+    _check_dispatch(monkeypatch, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_block_compiles_with_inductor():
     torch._dynamo.reset()
     block = _Block(width=256, heads=4).cuda()
     x = torch.randn(4, 77, 256, device="cuda")

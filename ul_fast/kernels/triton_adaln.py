@@ -12,14 +12,27 @@ the row statistics (cheaper than storing them: the row is in registers anyway), 
 Layers: kernels → ``torch.ops.ul_fast.adaln_layernorm`` / ``adaln_layernorm_backward`` custom ops (which
 check the shapes, dtypes and device the kernels read) → :func:`adaln_layernorm` → :data:`KERNELS`, the CUDA
 implementation of ``ul_fast.ops.adaln_layernorm`` for the inputs :func:`supports` accepts.
+
+Launches: one flat grid axis (no batch meets CUDA's 65,535 limit of the other axes), on the tensors' device
+(:func:`device_guard`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ul_fast.kernels import Kernel
-from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, last_dim_contiguous, tl, triton
+from ul_fast.kernels.triton_support import (
+    DTYPES,
+    INTERPRET,
+    check_runnable,
+    device_guard,
+    last_dim_contiguous,
+    tl,
+    triton,
+)
 
 __all__ = ["KERNELS", "MAX_CHANNELS", "adaln_layernorm", "supports"]
 
@@ -72,9 +85,11 @@ if triton is not None:
     @triton.jit
     def _adaln_fwd(X, SCALE, SHIFT, Y, S, C, stride_xb, stride_xs, stride_sb, stride_tb, eps,
                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-        """Grid (cdiv(S, ROWS), B): ROWS rows of one example; Y is contiguous [B, S, C]."""
-        b = tl.program_id(1).to(tl.int64)
-        s0 = tl.program_id(0) * ROWS
+        """Grid ``(B·cdiv(S, ROWS),)``, the tiles of one example adjacent: ROWS rows of one example; Y is
+        contiguous [B, S, C]."""
+        n_tiles = tl.cdiv(S, ROWS)
+        b = (tl.program_id(0) // n_tiles).to(tl.int64)
+        s0 = (tl.program_id(0) % n_tiles) * ROWS
         offs_r = tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
@@ -84,18 +99,17 @@ if triton is not None:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         xhat, _ = _normalize(x, mask, C, eps)
         y = xhat * gain[None, :] + bias[None, :]
-        y_ptrs, _ = _row_tile(Y, b, s0, S * C, C, offs_r, offs_c, S, C)
+        y_ptrs, _ = _row_tile(Y, b, s0, S.to(tl.int64) * C, C, offs_r, offs_c, S, C)
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _adaln_bwd(X, SCALE, DY, DX, DSCALE_PART, DSHIFT_PART, S, C, rows_per_chunk,
+    def _adaln_bwd(X, SCALE, DY, DX, DSCALE_PART, DSHIFT_PART, S, C, n_chunks, rows_per_chunk,
                    stride_xb, stride_xs, stride_sb, stride_db, stride_ds, eps,
                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-        """Grid (n_chunks, B): rows [chunk·rows_per_chunk, …) of example b. Writes dx (contiguous like y)
+        """Grid ``(B·n_chunks,)``: rows [chunk·rows_per_chunk, …) of example b. Writes dx (contiguous like y)
         and this chunk's partial sums ``Σ dy·x̂``, ``Σ dy`` to ``*_PART[b, chunk, :]`` (fp32)."""
-        chunk = tl.program_id(0)
-        n_chunks = tl.num_programs(0)
-        b = tl.program_id(1).to(tl.int64)
+        chunk = tl.program_id(0) % n_chunks
+        b = (tl.program_id(0) // n_chunks).to(tl.int64)
         offs_r = tl.arange(0, ROWS)
         offs_c = tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
@@ -117,17 +131,24 @@ if triton is not None:
             c1 = tl.sum(dxhat * xhat, 1) / C
             c2 = tl.sum(dxhat, 1) / C
             dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            dx_ptrs, _ = _row_tile(DX, b, s0, S * C, C, offs_r, offs_c, s_end, C)
+            dx_ptrs, _ = _row_tile(DX, b, s0, S.to(tl.int64) * C, C, offs_r, offs_c, s_end, C)
             tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
         part = (b * n_chunks + chunk) * C + offs_c
         tl.store(DSCALE_PART + part, dscale, mask=c_ok)
         tl.store(DSHIFT_PART + part, dshift, mask=c_ok)
 
 
-def _launch_shape(C: int) -> tuple[int, int, int]:
-    """(BLOCK_C, ROWS per tile, num_warps): tiles of about 4096 fp32 values per program iteration."""
+def _launch_shape(C: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_C, ROWS per tile, num_warps): tiles of about 4096 fp32 values per program iteration.
+
+    The backward holds about three times the live values of the forward (x, dy, x̂ and the per-channel sums),
+    so it gets more warps: with the forward's, compiled for sm_90a, it spills 320 B per thread from C = 4096
+    (tests/test_triton_sm90.py). Above C = 4096 a row no longer fits one block's registers (at most 64 per
+    thread at 32 warps) and the backward spills up to 0.6 KB per thread however it is split."""
     block_c = triton.next_power_of_2(C)
     rows = 2 if INTERPRET else max(1, min(16, 4096 // block_c))
+    if backward:
+        return block_c, rows, max(4, min(32, block_c // 256))
     warps = 4 if block_c * rows <= 4096 else 8 if block_c * rows <= 8192 else 16
     return block_c, rows, warps
 
@@ -136,19 +157,25 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
     check_runnable(x, "adaLN LayerNorm")
     x, scale, shift = (last_dim_contiguous(t) for t in (x, scale, shift))
     B, S, C = x.shape
-    y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
     block_c, rows, warps = _launch_shape(C)
-    _adaln_fwd[(triton.cdiv(S, rows), B)](x, scale, shift, y, S, C, x.stride(0), x.stride(1),
-                                          scale.stride(0), shift.stride(0), eps,
-                                          BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+    with device_guard(x):
+        y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+        _adaln_fwd[(B * triton.cdiv(S, rows),)](x, scale, shift, y, S, C, x.stride(0), x.stride(1), scale.stride(0),
+                                                shift.stride(0), eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
     return y
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a GPU (asked once per device, not on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _chunking(B: int, S: int, rows: int, device: torch.device) -> tuple[int, int]:
     """``(n_chunks, rows_per_chunk)`` of the backward grid: enough programs to fill the GPU (about 16 per
     SM), each a whole number of ``rows``-row tiles, together covering the S rows of an example."""
     # (the interpreter on CPU counts as one SM: a few chunks, each several tiles, as on a GPU)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device.index) if device.type == "cuda" else 1
     want = max(1, min(triton.cdiv(16 * sms, B), triton.cdiv(S, rows)))
     rows_per_chunk = triton.cdiv(triton.cdiv(S, want), rows) * rows
     return triton.cdiv(S, rows_per_chunk), rows_per_chunk
@@ -159,16 +186,17 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: f
     check_runnable(x, "adaLN LayerNorm")
     x, scale, grad_y = (last_dim_contiguous(t) for t in (x, scale, grad_y))
     B, S, C = x.shape
-    block_c, rows, warps = _launch_shape(C)
+    block_c, rows, warps = _launch_shape(C, backward=True)
     n_chunks, rows_per_chunk = _chunking(B, S, rows, x.device)
-    dx = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
-    # two buffers, not views of one: custom-op outputs must not alias each other
-    dscale_part = torch.empty((B, n_chunks, C), dtype=torch.float32, device=x.device)
-    dshift_part = torch.empty_like(dscale_part)
-    _adaln_bwd[(n_chunks, B)](x, scale, grad_y, dx, dscale_part, dshift_part, S, C, rows_per_chunk,
-                              x.stride(0), x.stride(1), scale.stride(0), grad_y.stride(0), grad_y.stride(1),
-                              eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
-    return dx, dscale_part.sum(1).to(scale.dtype), dshift_part.sum(1)
+    with device_guard(x):
+        dx = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
+        # two buffers, not views of one: custom-op outputs must not alias each other
+        dscale_part = torch.empty((B, n_chunks, C), dtype=torch.float32, device=x.device)
+        dshift_part = torch.empty_like(dscale_part)
+        _adaln_bwd[(B * n_chunks,)](x, scale, grad_y, dx, dscale_part, dshift_part, S, C, n_chunks, rows_per_chunk,
+                                    x.stride(0), x.stride(1), scale.stride(0), grad_y.stride(0), grad_y.stride(1),
+                                    eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+        return dx, dscale_part.sum(1).to(scale.dtype), dshift_part.sum(1)
 
 
 # ---------------------------------------------------------------- custom ops

@@ -14,9 +14,13 @@ Head dims 16, 32, 64, 128; any sequence length (the last block is masked).
 Layers: Triton kernels → ``torch.ops.ul_fast.flash_attention`` / ``flash_attention_backward`` custom
 ops (fake impls + autograd; they check the shapes, dtypes and device the kernels read) →
 :func:`flash_attention` → :data:`KERNELS`, the CUDA implementation of ``ul_fast.ops.attention`` for the
-inputs :func:`supports` accepts (self-attention; cross-attention takes the reference). Under
-``TRITON_INTERPRET=1`` the same kernels run on CPU tensors with a single block configuration (the
-interpreter cannot autotune); on a GPU the block sizes are autotuned per (head dim, sequence length, dtype).
+inputs :func:`supports` accepts (self-attention at the long sequences where the kernels beat SDPA; everything
+else, fp32 and cross-attention included, takes the reference). Under ``TRITON_INTERPRET=1`` the same kernels
+run on CPU tensors with a single 16×16 block configuration (the interpreter cannot autotune); on a GPU the
+fp16/bf16 block sizes are autotuned per (head dim, sequence length, dtype) and fp32 has one per head dim.
+
+Launches: one flat grid axis (:func:`_grid`), so no batch or head count meets CUDA's 65,535 limit of the other
+axes; on the tensors' device (:func:`device_guard`); row offsets in int64.
 """
 
 from __future__ import annotations
@@ -26,20 +30,56 @@ import math
 import torch
 
 from ul_fast.kernels import Kernel
-from ul_fast.kernels.triton_support import DTYPES, INTERPRET, check_runnable, last_dim_contiguous, tl, triton
+from ul_fast.kernels.triton_support import (
+    DTYPES,
+    INTERPRET,
+    check_runnable,
+    device_guard,
+    last_dim_contiguous,
+    tl,
+    triton,
+)
 
-__all__ = ["HEAD_DIMS", "KERNELS", "flash_attention", "supports"]
+__all__ = ["HEAD_DIMS", "KERNELS", "faster_than_reference", "flash_attention", "supports"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 LN2 = math.log(2.0)
+DELTA_BLOCK = 16 if INTERPRET else 64  # rows per program of the backward's Δ kernel
+
+
+def faster_than_reference(seq_len: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels beat the reference (SDPA) on CUDA at this size, forward and backward.
+
+    Measured on an H200 in bf16 (benchmarks/gpu_bench_attention.py, torch 2.11, 2026-11-28), forward+backward
+    ms of the Triton kernels against SDPA's backends on contiguous ``[B, H, S, D]`` (SDPA's best case). SDPA's
+    fixed priority puts flash first, so the reference runs flash on these inputs:
+
+    ==================  ======  ==========  ==========
+    B, H, S, D          Triton  SDPA flash  SDPA cuDNN
+    ==================  ======  ==========  ==========
+    256, 6, 64, 64      0.830   0.249       0.162
+    64, 12, 256, 64     0.689   0.362       0.224
+    64, 16, 256, 64     0.881   0.468       0.287
+    16, 12, 1024, 64    0.905   0.805       0.488
+    8, 16, 1024, 128    0.791   0.974       0.512
+    4, 16, 4096, 64     2.479   3.508       2.143
+    ==================  ======  ==========  ==========
+
+    The kernels win only at long sequences (S ≥ 1024 with D = 128, S = 4096; forward alone they win from
+    S = 1024, split the two S = 256 shapes and lose at S = 64), so they take only those. fp32 never: its
+    full-precision FMA dots are a correctness path, far slower than SDPA's. (cuDNN, which SDPA does not pick
+    by default, beats both.)
+    """
+    return dtype != torch.float32 and (seq_len >= 4096 or (seq_len >= 1024 and head_dim == 128))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton kernels handle these arguments of ``ul_fast.ops.attention`` (else the reference
-    runs): self-attention (one sequence length), a head dim in :data:`HEAD_DIMS`, one dtype."""
+    """Whether the Triton kernels take these arguments of ``ul_fast.ops.attention`` (else the reference runs):
+    self-attention (one sequence length), a head dim in :data:`HEAD_DIMS`, one dtype; on CUDA only where they
+    are faster than the reference (:func:`faster_than_reference`), on CPU tensors under the interpreter."""
     return (triton is not None and q.dim() == 4 and q.shape[-1] in HEAD_DIMS and q.dtype in DTYPES
-            and q.numel() > 0 and (q.is_cuda or INTERPRET)
-            and k.shape == q.shape and k.dtype == q.dtype and v.dtype == q.dtype)
+            and q.numel() > 0 and k.shape == q.shape and k.dtype == q.dtype and v.dtype == q.dtype
+            and (faster_than_reference(q.shape[1], q.shape[3], q.dtype) if q.is_cuda else INTERPRET))
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -63,24 +103,40 @@ if triton is not None:
 
     # ---------------------------------------------------------------- autotuning
 
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims): the fp16/bf16 sweeps. Compiled for sm_90a
+    # (tests/test_triton_sm90.py), the 4-warp tiles spill registers at D = 128 (up to 1.9 KB per thread in
+    # dK/dV; 255 registers), so D = 128 gets 8-warp (or smaller) tiles that do not; dQ's 32×128 tile spills
+    # 4 B at D = 16.
+    _SMALL, _ALL, _LARGE = (16, 32, 64), HEAD_DIMS, (128,)
+    _FWD_BLOCKS = [(128, 64, 4, 3, _SMALL), (128, 64, 8, 3, _ALL), (128, 128, 8, 3, _ALL), (128, 32, 4, 4, _ALL),
+                   (64, 64, 4, 3, _ALL), (64, 32, 4, 4, _ALL)]
+    # backward: dK/dV hold BLOCK_N keys and loop over queries, dQ the other way round (one sweep for both)
+    _BWD_BLOCKS = [(64, 64, 4, 3, _SMALL), (64, 64, 8, 3, _ALL), (32, 128, 4, 3, (32, 64)), (128, 32, 4, 3, _SMALL),
+                   (64, 128, 8, 3, _SMALL), (128, 64, 8, 3, _SMALL), (64, 32, 4, 4, _SMALL), (32, 128, 8, 3, _LARGE),
+                   (128, 32, 8, 3, _LARGE), (64, 32, 8, 3, _LARGE), (32, 64, 4, 3, _LARGE)]
+    # fp32 (full-precision FMA dots: the correctness path, which dispatch never picks on CUDA) gets one tile per
+    # head dim, the one that spills least: an FMA dot holds a D-long row of each operand per thread, so D ≥ 64
+    # spills whatever the tile (256 B at D = 64, 2.1 KB at D = 128, against 52 KB for the 64×32 tile before).
+    # Two stages: with four, dK/dV at D = 128 needs 234 KB of shared memory.
+    _FP32_BLOCKS = {16: (32, 32, 8, 2), 32: (32, 32, 8, 2), 64: (16, 32, 8, 2), 128: (16, 32, 8, 2)}
+
+    def _config(m: int, n: int, warps: int, stages: int, head_dims: tuple[int, ...] = HEAD_DIMS):
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        config.head_dims = head_dims  # the head dims it is compiled for (read by _prune)
+        return config
+
     def _configs(kind: str) -> list:
         """Block configurations: one in the interpreter (it cannot autotune), a small sweep on GPU."""
         if INTERPRET:
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-        if kind == "fwd":
-            shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                      (64, 32, 4, 4)]
-        else:  # backward: dK/dV hold BLOCK_N keys and loop over queries, dQ the other way round
-            shapes = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 128, 4, 3), (128, 32, 4, 3), (64, 128, 8, 3),
-                      (128, 64, 8, 3), (64, 32, 4, 4)]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+            return [_config(16, 16, 1, 1)]
+        return [_config(*blocks) for blocks in (_FWD_BLOCKS if kind == "fwd" else _BWD_BLOCKS)]
 
     def _prune(configs, named_args, **kwargs):
-        """Drop blocks much larger than the sequence (pure padding). fp32 (full-precision FMA dots, the
-        correctness path, not the fast one) gets one small 64×32 tile: its large tiles exceed shared
-        memory at D = 128 and take a minute each to compile."""
-        if kwargs.get("UPCAST", False):  # two stages: with four, dK/dV at D = 128 needs 234 KB of smem
-            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+        """The configurations for this head dim, without blocks much larger than the sequence (pure padding);
+        fp32 gets its one tile per head dim."""
+        if kwargs["UPCAST"]:
+            return [_config(*_FP32_BLOCKS[kwargs["HEAD_DIM"]])]
+        configs = [c for c in configs if kwargs["HEAD_DIM"] in c.head_dims]
         cap = max(32, triton.next_power_of_2(named_args["SEQ"]))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and c.kwargs["BLOCK_N"] <= cap]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -95,9 +151,22 @@ if triton is not None:
             return tl.dot(a, b, acc)
 
     @triton.jit
+    def _row_offsets(rows, stride):
+        """``[len(rows), 1]`` int64 element offsets ``rows·stride`` (int32 would wrap past 2^31)."""
+        return rows[:, None].to(tl.int64) * stride
+
+    @triton.jit
+    def _split_pid(SEQ, BLOCK: tl.constexpr):
+        """(block index along the sequence, b·H + h) of this program in the flat grid of :func:`_grid`."""
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(SEQ, BLOCK)
+        return pid % n_blocks, pid // n_blocks
+
+    @triton.jit
     def _load_rows(base, rows, stride, offs_d, SEQ, MASK: tl.constexpr, UPCAST: tl.constexpr):
-        """A ``[len(rows), D]`` tile; rows at or past SEQ read as zeros when MASK."""
-        ptrs = base + rows[:, None] * stride + offs_d[None, :]
+        """A ``[len(rows), D]`` tile; rows at or past SEQ read as zeros when MASK. Row offsets are int64: a
+        sequence of a fused qkv buffer passes 2^31 elements at ``S·3·H·D``, e.g. S = 65,536 with H·D = 12,288."""
+        ptrs = base + _row_offsets(rows, stride) + offs_d[None, :]
         if MASK:
             tile = tl.load(ptrs, mask=(rows < SEQ)[:, None], other=0.0)
         else:
@@ -133,9 +202,8 @@ if triton is not None:
                   stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                   H, SEQ, qk_scale,
                   HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Grid (cdiv(SEQ, BLOCK_M), B·H): one query block of one (batch, head) against all keys."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """Grid :func:`_grid` with BLOCK_M: one query block of one (batch, head) against all keys."""
+        pid_m, pid_bh = _split_pid(SEQ, BLOCK_M)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,7 +226,7 @@ if triton is not None:
 
         acc = acc / l_i[:, None]
         row_ok = offs_m < SEQ
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        o_ptrs = O + b * stride_ob + h * stride_oh + _row_offsets(offs_m, stride_os) + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
         tl.store(LSE + pid_bh.to(tl.int64) * SEQ + offs_m, lse, mask=row_ok)
@@ -168,9 +236,9 @@ if triton is not None:
     @triton.jit
     def _bwd_delta(O, DO, GLSE, DELTA, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
                    H, SEQ, HAS_GLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-        """``Δ = rowsum(dO ∘ O) − dLSE``, fp32 ``[B, H, S]`` (dLSE: gradient flowing into the lse)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """``Δ = rowsum(dO ∘ O) − dLSE``, fp32 ``[B, H, S]`` (dLSE: gradient flowing into the lse).
+        Grid :func:`_grid` with BLOCK_M."""
+        pid_m, pid_bh = _split_pid(SEQ, BLOCK_M)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,10 +283,9 @@ if triton is not None:
                        H, SEQ, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Grid (cdiv(SEQ, BLOCK_N), B·H): one key block's dK, dV from all queries.
+        """Grid :func:`_grid` with BLOCK_N: one key block's dK, dV from all queries.
         DK and DV share the strides ``stride_g*`` (both allocated contiguous)."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_n, pid_bh = _split_pid(SEQ, BLOCK_N)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,7 +309,7 @@ if triton is not None:
                                  offs_d, stride_qs, stride_ds, SEQ, qk_scale, True, UPCAST)
 
         row_ok = (offs_n < SEQ)[:, None]
-        out_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
+        out_off = b * stride_gb + h * stride_gh + _row_offsets(offs_n, stride_gs) + offs_d[None, :]
         tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=row_ok)
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=row_ok)
 
@@ -271,9 +338,8 @@ if triton is not None:
                      H, SEQ, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Grid (cdiv(SEQ, BLOCK_M), B·H): one query block's dQ from all keys."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """Grid :func:`_grid` with BLOCK_M: one query block's dQ from all keys."""
+        pid_m, pid_bh = _split_pid(SEQ, BLOCK_M)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -295,7 +361,7 @@ if triton is not None:
         if n_full < SEQ:
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, n_full, offs_n, offs_d, stride_ks,
                            stride_vs, SEQ, qk_scale, True, UPCAST)
-        out_off = b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
+        out_off = b * stride_gb + h * stride_gh + _row_offsets(offs_m, stride_gs) + offs_d[None, :]
         tl.store(DQ + out_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -308,19 +374,24 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+def _grid(B: int, H: int, S: int, block: int) -> tuple[int]:
+    """The launch grid of every attention kernel: one program per (block of ``block`` rows, batch, head),
+    flattened onto axis 0 (up to 2^31 - 1 programs) with the sequence blocks of one head adjacent, so they
+    share its K and V in L2. Axis 1 would cap B·H at 65,535 (any batch ≥ 4,096 at 16 heads)."""
+    return (triton.cdiv(S, block) * B * H,)
+
+
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_runnable(q, "attention")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, S, H, D = q.shape
-    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     sm_scale = D**-0.5
-
-    def grid(meta):
-        return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
-
-    _attn_fwd[grid](q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                    H, S, sm_scale / LN2, HEAD_DIM=D, UPCAST=_upcast(q.dtype))
+    with device_guard(q):
+        out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+        _attn_fwd[lambda meta: _grid(B, H, S, meta["BLOCK_M"])](
+            q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, S, sm_scale / LN2,
+            HEAD_DIM=D, UPCAST=_upcast(q.dtype))
     return out, lse
 
 
@@ -329,26 +400,25 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     check_runnable(q, "attention")
     q, k, v, out, grad_out = (last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     B, S, H, D = q.shape
-    lse = lse.contiguous()
     upcast = _upcast(q.dtype)
-    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    block = 16 if INTERPRET else 64
-    has_glse = grad_lse is not None
-    # Without a log-sum-exp gradient the kernel reads no glse (HAS_GLSE is False) but still takes a pointer.
-    glse = grad_lse.contiguous().float() if has_glse else delta
-    _bwd_delta[(triton.cdiv(S, block), B * H)](out, grad_out, glse, delta, *_strides(out), *_strides(grad_out),
-                                               H, S, HAS_GLSE=has_glse, HEAD_DIM=D, BLOCK_M=block)
-
-    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
     sm_scale = D**-0.5
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), H, S,
-              sm_scale / LN2, sm_scale)
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)](
-        q, k, v, grad_out, lse, delta, dk, dv, *common, HEAD_DIM=D, UPCAST=upcast)
-    _attn_bwd_dq[lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)](
-        q, k, v, grad_out, lse, delta, dq, *common, HEAD_DIM=D, UPCAST=upcast)
+    with device_guard(q):
+        lse = lse.contiguous()
+        delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+        has_glse = grad_lse is not None
+        # Without a log-sum-exp gradient the kernel reads no glse (HAS_GLSE is False) but still takes a pointer.
+        glse = grad_lse.contiguous().float() if has_glse else delta
+        _bwd_delta[_grid(B, H, S, DELTA_BLOCK)](out, grad_out, glse, delta, *_strides(out), *_strides(grad_out), H, S,
+                                                HAS_GLSE=has_glse, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK)
+        dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty_like(dq)
+        common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), H, S,
+                  sm_scale / LN2, sm_scale)
+        _attn_bwd_dkdv[lambda meta: _grid(B, H, S, meta["BLOCK_N"])](
+            q, k, v, grad_out, lse, delta, dk, dv, *common, HEAD_DIM=D, UPCAST=upcast)
+        _attn_bwd_dq[lambda meta: _grid(B, H, S, meta["BLOCK_M"])](
+            q, k, v, grad_out, lse, delta, dq, *common, HEAD_DIM=D, UPCAST=upcast)
     return dq, dk, dv
 
 
