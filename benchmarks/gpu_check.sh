@@ -11,9 +11,10 @@
 #   tests      pytest -m gpu tests/ (pytest-xdist over 16 workers when installed; JUnit XML kept), and
 #              tests/test_inception.py against pytorch-fid when pytorch_fid and torchvision import
 #   ops        benchmarks/gpu_bench_ops.py        noise injection, loss, embedding vs eager and torch.compile
-#   attention  benchmarks/gpu_bench_attention.py  Triton attention vs every SDPA backend; adaLN vs eager/compile
-#   train      benchmarks/gpu_bench_train_step.py a whole UL step: reference vs fused, eager vs torch.compile
+#   train      benchmarks/gpu_bench_train_step.py a whole UL step: reference vs each op's kernel (ablation) and
+#              the measured-best dispatch, eager; compiled for TRAIN_COMPILE_STAGES (1, "1,2" or none; default 1)
 #   sampling   benchmarks/gpu_bench_sampling.py   images/s of sampling chains, eager vs CUDA-graph replay
+#   attention  benchmarks/gpu_bench_attention.py  Triton attention vs every SDPA backend; adaLN vs eager/compile
 #   wheel      a wheel built from a clean copy of the sources (the "< 60 s from a clean clone" target)
 #
 # What comes back ($OUT holds at most 8 files): summary.md (printed last) and logs.tgz (every log and JSON,
@@ -27,7 +28,7 @@ mkdir -p "$OUT" "$LOGS"
 summary="$OUT/summary.md"
 : > "$summary"
 export PYTHONUNBUFFERED=1
-PARTS=${PARTS:-"build tests ops attention train sampling"}
+PARTS=${PARTS:-"build tests ops train sampling attention"}
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 note() { echo "$*" >> "$summary"; echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
 pack() { tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs 2>/dev/null; }
@@ -78,16 +79,17 @@ if want ops; then
   run_part ops 100 "$PY" benchmarks/gpu_bench_ops.py --out "$LOGS/bench_ops.json" --md "$LOGS/bench_ops.md"
 fi
 
-if want attention; then
-  run_part attention 150 "$PY" benchmarks/gpu_bench_attention.py --out "$LOGS"
-fi
-
 if want train; then
-  run_part train 200 "$PY" benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --out "$LOGS"
+  run_part train 240 "$PY" benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 \
+    --compile-stages "${TRAIN_COMPILE_STAGES:-1}" --out "$LOGS"
 fi
 
 if want sampling; then
   run_part sampling 60 "$PY" benchmarks/gpu_bench_sampling.py --config fmnist --n 256 --steps 32 --out "$LOGS"
+fi
+
+if want attention; then
+  run_part attention 150 "$PY" benchmarks/gpu_bench_attention.py --out "$LOGS"
 fi
 
 if want wheel; then
@@ -103,7 +105,7 @@ echo
 if want tests; then grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -25; fi
 if want ops && [ -f "$LOGS/bench_ops.md" ]; then cat "$LOGS/bench_ops.md" >> "$summary"; fi
 if want attention; then grep -E "^\|" "$LOGS/attention.log" | head -30 >> "$summary"; fi
-if want train; then grep -A 40 "^## UL training step" "$LOGS/train.log" >> "$summary"; fi
+if want train; then grep -E '^(## UL training step|\| |stage [12] measured-best)' "$LOGS/train.log" >> "$summary"; fi
 if want sampling; then grep -A 6 "^## Sampling" "$LOGS/sampling.log" >> "$summary"; fi
 pack
 cat "$summary"

@@ -2,11 +2,23 @@
 
 The fast backends in :mod:`ul_fast.kernels` each export a table ``{(op, device type): Kernel}``; this module
 imports them and merges the tables once, into :data:`KERNELS`. A backend that fails to import warns and leaves
-the reference in place. ``UL_FAST_BACKEND`` (read on every call, so tests can switch) chooses:
+the reference in place. Two environment variables choose, read on every call (so tests and benchmarks can
+switch; under ``torch.compile`` dynamo guards on the values it read, so a change recompiles):
 
-- ``auto`` (default): the fast kernel where one exists for the tensors' device type and supports the
-  arguments, else the reference;
-- ``reference``: the pure-PyTorch reference (:mod:`ul_fast.ops.reference`) everywhere.
+``UL_FAST_BACKEND``
+    - ``auto`` (default): the fast kernel where one exists for the tensors' device type and supports the
+      arguments, except for the (op, device type) pairs of :data:`REFERENCE_IS_FASTER`, where the reference
+      was measured faster;
+    - ``fast``: every fast kernel that exists and supports the arguments, measured faster or not (for the
+      kernels' own tests and the benchmarks that measure them);
+    - ``reference``: the pure-PyTorch reference (:mod:`ul_fast.ops.reference`) everywhere.
+
+``UL_FAST_REFERENCE_OPS``
+    A comma-separated subset of :data:`OPS` (e.g. ``logsnr_embed,attention``) that runs the reference on every
+    device type, whatever the backend: the per-op override, e.g. for ``benchmarks/gpu_bench_train_step.py``,
+    which forces one op at a time to the reference to find the op that slows a training step.
+
+:func:`describe` reports the resulting choice per op and device type.
 """
 
 from __future__ import annotations
@@ -17,10 +29,22 @@ import warnings
 from ul_fast.kernels import Kernel
 from ul_fast.ops import reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "fast", "reference")
 OPS = ("noise_inject", "diffusion_loss", "logsnr_embed", "attention", "adaln_layernorm")
 """The ops with fast kernels; each has a reference of the same name in :mod:`ul_fast.ops.reference`."""
 DEVICE_TYPES = ("cpu", "cuda")
+
+REFERENCE_IS_FASTER: dict[tuple[str, str], str] = {
+    # (op, device type): the measurement that shows the kernel slower than the reference there. ``auto`` runs
+    # the reference for these; ``fast`` still runs the kernel. Remove an entry when its kernel gets faster.
+    ("logsnr_embed", "cpu"): "C++ fwd+bwd 0.15x (0.14-0.17) the reference at B=64, 2F=128, N=256, fp32; 2-core "
+                             "x86 CPU, 1 thread, torch 2.13, benchmarks/bench_ops_cpu.py --ratios, 2026-11-28 "
+                             "(0.28x in an earlier pytest-benchmark run)",
+    # CUDA: from GPU run 2 (NVIDIA H200), the per-op ablation rows of benchmarks/gpu_bench_train_step.py
+    # (preset fmnist, batch 256, bf16 autocast): an op whose "all kernels - op" step ran faster than the
+    # "all kernels" step goes here, with that ratio, e.g.
+    # ("logsnr_embed", "cuda"): "CUDA fwd+bwd 0.66-0.69x eager (gpu_bench_ops.py, run 1); step ... (run 2)",
+}
 
 
 def _unavailable(module: str, error: Exception) -> None:
@@ -54,17 +78,32 @@ def backend() -> str:
     return choice
 
 
+def reference_ops() -> frozenset[str]:
+    """The ops ``UL_FAST_REFERENCE_OPS`` forces to the reference."""
+    names = os.environ.get("UL_FAST_REFERENCE_OPS", "").lower().split(",")
+    chosen = frozenset(name.strip() for name in names if name.strip())
+    unknown = sorted(chosen - set(OPS))
+    if unknown:
+        raise ValueError(f"UL_FAST_REFERENCE_OPS names unknown ops {unknown}; the ops are {OPS}")
+    return chosen
+
+
 def fast_kernel(op: str, device_type: str) -> Kernel | None:
-    """The fast kernel for ``op`` on tensors of ``device_type``, or None (none loaded, or the reference
-    backend is chosen). The caller still asks ``kernel.supports(...)`` before running it."""
-    if backend() == "reference":
+    """The fast kernel for ``op`` on tensors of ``device_type``, or None where the reference runs (no kernel
+    loaded, the reference backend, ``op`` in ``UL_FAST_REFERENCE_OPS``, or under ``auto`` an entry of
+    :data:`REFERENCE_IS_FASTER`). The caller still asks ``kernel.supports(...)`` before running it."""
+    choice = backend()
+    if choice == "reference" or op in reference_ops():
+        return None
+    if choice == "auto" and (op, device_type) in REFERENCE_IS_FASTER:
         return None
     return KERNELS.get((op, device_type))
 
 
 def describe() -> dict[str, str]:
-    """Which function runs each op per device type (a fast kernel where its arguments allow, else the
-    reference), e.g. for logs and ``build_info``: ``{"attention[cuda]": "module.function", ...}``."""
+    """Which function runs each op per device type under the current settings (a fast kernel where its
+    arguments allow, else the reference), e.g. for logs and ``build_info``:
+    ``{"attention[cuda]": "module.function", ...}``."""
     table = {}
     for op in sorted(OPS):
         for device_type in DEVICE_TYPES:
