@@ -102,6 +102,12 @@ def cases() -> list[dict]:
             ptrs = {"X": "*" + x_dt, "DY": "*" + x_dt, "DX": "*" + x_dt, "SCALE": "*" + mod_dt,
                     "DSCALE_PART": "*fp32", "DSHIFT_PART": "*fp32"}
             add(tn._adaln_bwd, label, ptrs, {"BLOCK_C": block_c, "ROWS": rows}, warps, 3)
+    # Triton compiles an integer argument equal to 1 (S = 1, H = 1, a unit stride) as a compile-time constant:
+    # one compile per kernel with every integer argument 1 catches code that treats them as tensors (S.to(...))
+    first = {}
+    for case in out:
+        first.setdefault(case["kernel"], case)
+    out += [{**case, "label": case["label"] + ", every int argument = 1", "ones": True} for case in first.values()]
     return out
 
 
@@ -141,6 +147,9 @@ def compile_case(case: dict) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif "scale" in name or name == "eps":
             signature[name] = "fp32"
+        elif case.get("ones"):
+            signature[name] = "constexpr"
+            case = {**case, "consts": {**case["consts"], name: 1}}
         else:
             signature[name] = "i32"
             if name.startswith("stride"):

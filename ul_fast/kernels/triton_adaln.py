@@ -83,10 +83,11 @@ if triton is not None:
         return xc * rstd[:, None], rstd
 
     @triton.jit
-    def _adaln_fwd(X, SCALE, SHIFT, Y, S, C, stride_xb, stride_xs, stride_sb, stride_tb, eps,
+    def _adaln_fwd(X, SCALE, SHIFT, Y, S, C, stride_xb, stride_xs, stride_sb, stride_tb, stride_yb, eps,
                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
         """Grid ``(B·cdiv(S, ROWS),)``, the tiles of one example adjacent: ROWS rows of one example; Y is
-        contiguous [B, S, C]."""
+        contiguous [B, S, C] (``stride_yb`` = S·C comes from the host: Triton turns an argument equal to 1,
+        such as S = 1, into a compile-time int, which has no ``.to``)."""
         n_tiles = tl.cdiv(S, ROWS)
         b = (tl.program_id(0) // n_tiles).to(tl.int64)
         s0 = (tl.program_id(0) % n_tiles) * ROWS
@@ -99,12 +100,12 @@ if triton is not None:
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         xhat, _ = _normalize(x, mask, C, eps)
         y = xhat * gain[None, :] + bias[None, :]
-        y_ptrs, _ = _row_tile(Y, b, s0, S.to(tl.int64) * C, C, offs_r, offs_c, S, C)
+        y_ptrs, _ = _row_tile(Y, b, s0, stride_yb, C, offs_r, offs_c, S, C)
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _adaln_bwd(X, SCALE, DY, DX, DSCALE_PART, DSHIFT_PART, S, C, n_chunks, rows_per_chunk,
-                   stride_xb, stride_xs, stride_sb, stride_db, stride_ds, eps,
+                   stride_xb, stride_xs, stride_sb, stride_db, stride_ds, stride_dxb, eps,
                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
         """Grid ``(B·n_chunks,)``: rows [chunk·rows_per_chunk, …) of example b. Writes dx (contiguous like y)
         and this chunk's partial sums ``Σ dy·x̂``, ``Σ dy`` to ``*_PART[b, chunk, :]`` (fp32)."""
@@ -131,7 +132,7 @@ if triton is not None:
             c1 = tl.sum(dxhat * xhat, 1) / C
             c2 = tl.sum(dxhat, 1) / C
             dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            dx_ptrs, _ = _row_tile(DX, b, s0, S.to(tl.int64) * C, C, offs_r, offs_c, s_end, C)
+            dx_ptrs, _ = _row_tile(DX, b, s0, stride_dxb, C, offs_r, offs_c, s_end, C)
             tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
         part = (b * n_chunks + chunk) * C + offs_c
         tl.store(DSCALE_PART + part, dscale, mask=c_ok)
@@ -161,7 +162,8 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: flo
     with device_guard(x):
         y = torch.empty((B, S, C), dtype=x.dtype, device=x.device)
         _adaln_fwd[(B * triton.cdiv(S, rows),)](x, scale, shift, y, S, C, x.stride(0), x.stride(1), scale.stride(0),
-                                                shift.stride(0), eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+                                                shift.stride(0), y.stride(0), eps, BLOCK_C=block_c, ROWS=rows,
+                                                num_warps=warps)
     return y
 
 
@@ -195,7 +197,7 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: f
         dshift_part = torch.empty_like(dscale_part)
         _adaln_bwd[(B * n_chunks,)](x, scale, grad_y, dx, dscale_part, dshift_part, S, C, n_chunks, rows_per_chunk,
                                     x.stride(0), x.stride(1), scale.stride(0), grad_y.stride(0), grad_y.stride(1),
-                                    eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
+                                    dx.stride(0), eps, BLOCK_C=block_c, ROWS=rows, num_warps=warps)
         return dx, dscale_part.sum(1).to(scale.dtype), dshift_part.sum(1)
 
 
