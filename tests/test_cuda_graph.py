@@ -4,8 +4,6 @@ when capture is impossible, and a pass-through on CPU."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -61,16 +59,32 @@ def test_gpu_replay_equals_eager_bit_for_bit_and_returns_fresh_tensors():
         assert torch.equal(graphed(x), module(x)) and len(graphed.graphs) == 1
 
 
+_FALLBACK_SCRIPT = """
+import warnings, torch
+from ul_fast.sampling import GraphedCall
+graphed = GraphedCall(lambda x: x * float(x.sum()))  # reads the host: cannot be captured
+x = torch.randn(4, device="cuda")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = graphed(x)
+    second = graphed(x)
+assert torch.equal(first, x * float(x.sum())) and torch.equal(second, first), (first, second)
+assert graphed.failure is not None
+messages = [str(w.message) for w in caught if "CUDA-graph capture failed" in str(w.message)]
+assert len(messages) == 1, messages
+torch.randn(4, device="cuda").sum().item()  # the device and its generator still work
+print("fallback ok")
+"""
+
+
 @pytest.mark.gpu
 def test_gpu_capture_failure_falls_back_with_one_warning():
-    graphed = GraphedCall(lambda x: x * float(x.sum()))  # reads the host: cannot be captured
-    x = torch.randn(4, device="cuda")
-    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
-        assert torch.equal(graphed(x), x * float(x.sum()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert torch.equal(graphed(x), x * float(x.sum()))
-    assert graphed.failure is not None
+    """In a fresh interpreter: a failed capture can leave CUDA state behind that no later test should inherit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -58,7 +58,10 @@ class GraphedCall:
         state = (self.fn.training, *(t.data_ptr() for t in self.fn.parameters()),
                  *(t.data_ptr() for t in self.fn.buffers()))
         if state != self._module_state:
+            # a fresh memory pool too: dropping the graphs frees theirs, and capturing into a freed pool trips an
+            # internal assert of PyTorch's caching allocator (seen on torch 2.11, H200)
             self.graphs.clear()
+            self._pool = None
             self._module_state = state
 
     @staticmethod
