@@ -1,4 +1,4 @@
-"""``ul-fast`` command line: train, sample, eval, plot, info.
+"""``ul-fast`` command line: train, sample, eval, distill, plot, info.
 
 A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
 and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
@@ -158,6 +158,26 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from ul_fast.config import load_config
+    from ul_fast.devices import resolve_device
+    from ul_fast.train.distill import Distiller, DistillSettings
+    from ul_fast.train.preflight import check_device
+
+    if args.resume and args.overwrite:
+        raise ValueError("ul-fast distill: --overwrite replaces a distillation with a new one; it does not go with "
+                         "--resume")
+    check_device(args.device, "--device")
+    teacher = load_config(str(Path(args.run) / "config.yaml"))
+    settings = DistillSettings(
+        teacher=str(args.run), from_steps=args.from_steps, to_steps=args.to_steps,
+        steps_per_round=args.steps_per_round, batch_size=args.batch or teacher.train.batch_size, lr=args.lr,
+        seed=args.seed, ema_decay=teacher.train.ema_decay, spacing=teacher.sample.spacing)
+    out = Distiller(settings, args.out, resolve_device(args.device), progress=not args.no_progress).run(
+        resume=args.resume, overwrite=args.overwrite)
+    print(f"distilled decoder ({args.from_steps} → {args.to_steps} steps) written to {out}")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from ul_fast.eval.plot import plot_run
 
@@ -200,6 +220,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -304,6 +334,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
+
+    distill = sub.add_parser(
+        "distill", parents=[common], help="distil a run's decoder into fewer sampling steps (a new run folder)",
+        description="Progressive distillation (Salimans & Ho 2022) of a run's decoder: each round a student learns "
+                    "to take in one DDIM step what its teacher takes in two, halving the decoder's steps from "
+                    "--from-steps to --to-steps. Writes a run folder (--out) that ul-fast sample and eval use as is, "
+                    "with distill.json and metrics.jsonl.")
+    distill.add_argument("--run", required=True, help="the teacher: a run folder written by ul-fast train")
+    distill.add_argument("--out", required=True,
+                         help="run folder to create (refused if it holds a run: see --resume, --overwrite)")
+    distill.add_argument("--to-steps", type=_positive_int, required=True, metavar="K",
+                         help="the distilled decoder's steps: --from-steps divided by a power of two")
+    distill.add_argument("--from-steps", type=_positive_int, default=32, metavar="K",
+                         help="the teacher's decoder steps (default 32)")
+    distill.add_argument("--steps-per-round", type=_positive_int, default=200, metavar="N",
+                         help="optimiser steps per halving (default 200)")
+    distill.add_argument("--batch", type=_positive_int, metavar="B",
+                         help="images per optimiser step (default: the run's train.batch_size)")
+    distill.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam's learning rate (default 1e-4)")
+    distill.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue the distillation in --out from its newest checkpoint (same options)")
+    distill.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    distill.add_argument("--device", type=_device, default="auto",
+                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distill.set_defaults(func=_distill)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
                           description="Draw a run's training curves from its metrics.jsonl (needs ul-fast[plot]).")

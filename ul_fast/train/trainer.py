@@ -225,6 +225,9 @@ class Trainer:
         that reads back intact; apply the config changes a resume allows (refusing the others)."""
         folder, (state, weights, ema_weights) = newest_readable_checkpoint(self.run_dir, self._read_checkpoint,
                                                                            repair=self.is_main)
+        if "distill" in state:  # written by ul-fast distill: no trainer state to continue from
+            raise CheckpointError(f"{folder} is a distillation checkpoint: continue it with `ul-fast distill "
+                                  f"--resume`, or sample and evaluate it as it is")
         if state["world_size"] != self.world_size:
             raise CheckpointError(f"{folder} was written by {state['world_size']} processes; resume it with the "
                                   f"same number (got {self.world_size}) to continue exactly")
