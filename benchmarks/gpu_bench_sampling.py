@@ -1,13 +1,16 @@
 """Sampling throughput with and without CUDA-graph replay, in one run on one card (a ratio), per sampler.
 
-Images/s of ``model.sample`` (base model → noisy latent → decoder, ``--steps`` each, class-conditional with
+Images/s of ``model.sample`` for each batch size in ``--n`` (base model → noisy latent → decoder, ``--steps``
+each, class-conditional with
 guidance inside the preset's interval, so guided (2n) and unguided (n) calls both occur) for a randomly
 initialised model of ``--config`` (speed does not depend on the weights), eager against
 ``cuda_graph=True``. Each variant runs one chain first (capture, autotuning, cuDNN/cuBLAS warm-up), then the
 median wall time of ``--repeats`` chains, each ended by ``torch.cuda.synchronize``. The graphed samples are
 checked equal to the eager ones.
 
-Usage: python benchmarks/gpu_bench_sampling.py [--config fmnist] [--n 256] [--steps 32] [--out DIR]
+Small batches are where graphs should pay: a chain's calls then take less GPU time than their launches.
+
+Usage: python benchmarks/gpu_bench_sampling.py [--config fmnist] [--n 16,256] [--steps 32] [--out DIR]
        python benchmarks/gpu_bench_sampling.py --smoke   (CPU, micro model: code paths only)
 """
 
@@ -36,15 +39,16 @@ SMOKE_OVERRIDES = ["model.image_size=16", "model.encoder.channels=[16,16]", "mod
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="fmnist")
-    parser.add_argument("--n", type=int, default=256, help="images per chain")
+    parser.add_argument("--n", default="16,256", help="images per chain: one or more batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=32, help="steps of each of the two chains")
     parser.add_argument("--samplers", default="ddim,dpmpp_2m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    batch_sizes = [int(n) for n in args.n.split(",")]
     if args.smoke:
-        args.n, args.steps, args.repeats = 4, 2, 1
+        batch_sizes, args.steps, args.repeats = [2, 4], 2, 1
     elif not torch.cuda.is_available():
         raise SystemExit("gpu_bench_sampling.py needs a CUDA device (or --smoke)")
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -52,47 +56,49 @@ def main() -> None:
     torch.manual_seed(0)
     model = UnifiedLatents(config.model).to(device).eval()
     m, s = config.model, config.sample
-    labels = (torch.arange(args.n, device=device) % m.num_classes) if m.num_classes else None
 
-    def chain(sampler: str, cuda_graph: bool) -> torch.Tensor:
+    def chain(n: int, sampler: str, cuda_graph: bool) -> torch.Tensor:
         generator = torch.Generator(device).manual_seed(0)
-        return model.sample(args.n, args.steps, args.steps, sampler, generator, cuda_graph=cuda_graph, labels=labels,
+        labels = (torch.arange(n, device=device) % m.num_classes) if m.num_classes else None
+        return model.sample(n, args.steps, args.steps, sampler, generator, cuda_graph=cuda_graph, labels=labels,
                             guidance=max(s.guidance, 2.0), guidance_interval=tuple(s.guidance_interval))
 
-    def seconds(sampler: str, cuda_graph: bool) -> float:
+    def seconds(n: int, sampler: str, cuda_graph: bool) -> float:
         times = []
         for _ in range(args.repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            chain(sampler, cuda_graph)
+            chain(n, sampler, cuda_graph)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
     rows = []
-    for sampler in args.samplers.split(","):
-        eager, graphed = chain(sampler, False), chain(sampler, True)  # warm-up; the second captures the graphs
-        equal = bool(torch.equal(eager, graphed))
-        eager_s, graph_s = seconds(sampler, False), seconds(sampler, True)
-        failure = graphed_module(model.base).failure or graphed_module(model.decoder).failure
-        rows.append({"sampler": sampler, "eager_images_per_s": args.n / eager_s, "graph_images_per_s": args.n / graph_s,
-                     "speedup": eager_s / graph_s, "bit_identical": equal, "capture_failure": failure})
-        print(f"{sampler:>9}: eager {args.n / eager_s:8.1f} img/s, graphs {args.n / graph_s:8.1f} img/s, "
-              f"x{eager_s / graph_s:.2f}, identical={equal}" + (f", capture failed: {failure}" if failure else ""),
-              flush=True)
+    for n in batch_sizes:
+        for sampler in args.samplers.split(","):
+            eager, graphed = chain(n, sampler, False), chain(n, sampler, True)  # warm-up; the second captures
+            equal = bool(torch.equal(eager, graphed))
+            eager_s, graph_s = seconds(n, sampler, False), seconds(n, sampler, True)
+            failure = graphed_module(model.base).failure or graphed_module(model.decoder).failure
+            rows.append({"n": n, "sampler": sampler, "eager_images_per_s": n / eager_s,
+                         "graph_images_per_s": n / graph_s, "speedup": eager_s / graph_s, "bit_identical": equal,
+                         "capture_failure": failure})
+            print(f"n={n:<5} {sampler:>9}: eager {n / eager_s:8.1f} img/s, graphs {n / graph_s:8.1f} img/s, "
+                  f"x{eager_s / graph_s:.2f}, identical={equal}" + (f", capture failed: {failure}" if failure else ""),
+                  flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    lines = [f"## Sampling, preset {args.config}, {args.n} images, {args.steps} + {args.steps} steps "
+    lines = [f"## Sampling, preset {args.config}, {args.steps} + {args.steps} steps "
              f"({name}, torch {torch.__version__})", "",
-             "| sampler | eager img/s | CUDA graphs img/s | speed-up | bit-identical |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['sampler']} | {r['eager_images_per_s']:.1f} | {r['graph_images_per_s']:.1f} | "
+             "| images | sampler | eager img/s | CUDA graphs img/s | speed-up | bit-identical |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['n']} | {r['sampler']} | {r['eager_images_per_s']:.1f} | {r['graph_images_per_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['bit_identical']} |" for r in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_sampling.json").write_text(json.dumps({"device": name, "config": args.config, "n": args.n,
-                                                         "steps": args.steps, "rows": rows}, indent=1))
+    (out / "bench_sampling.json").write_text(json.dumps({"device": name, "config": args.config, "steps": args.steps,
+                                                         "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

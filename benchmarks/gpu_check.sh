@@ -85,7 +85,7 @@ if want train; then
 fi
 
 if want sampling; then
-  run_part sampling 60 "$PY" benchmarks/gpu_bench_sampling.py --config fmnist --n 256 --steps 32 --out "$LOGS"
+  run_part sampling 60 "$PY" benchmarks/gpu_bench_sampling.py --config fmnist --n 16,256 --steps 32 --out "$LOGS"
 fi
 
 if want attention; then
@@ -106,6 +106,6 @@ if want tests; then grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -25; fi
 if want ops && [ -f "$LOGS/bench_ops.md" ]; then cat "$LOGS/bench_ops.md" >> "$summary"; fi
 if want attention; then grep -E "^\|" "$LOGS/attention.log" | head -30 >> "$summary"; fi
 if want train; then grep -E '^(## UL training step|\| |stage [12] measured-best)' "$LOGS/train.log" >> "$summary"; fi
-if want sampling; then grep -A 6 "^## Sampling" "$LOGS/sampling.log" >> "$summary"; fi
+if want sampling; then grep -A 8 "^## Sampling" "$LOGS/sampling.log" >> "$summary"; fi
 pack
 cat "$summary"

@@ -122,4 +122,5 @@ def test_sampling_benchmark_smoke(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "bench_sampling.json").read_text())["rows"]
-    assert [r["sampler"] for r in rows] == ["ddim", "dpmpp_2m"] and all(r["bit_identical"] for r in rows)
+    assert [(r["n"], r["sampler"]) for r in rows] == [(2, "ddim"), (2, "dpmpp_2m"), (4, "ddim"), (4, "dpmpp_2m")]
+    assert all(r["bit_identical"] for r in rows)
