@@ -254,6 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # --debug after the command name too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
+    # options several commands share, written once
+    sampling = argparse.ArgumentParser(add_help=False)  # sample, eval
+    sampling.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sampling.add_argument("--spacing", choices=SPACINGS,
+                          help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
+    sampling.add_argument("--cuda-graph", action="store_true",
+                          help="on CUDA, replay a captured network call per step (default: the run's "
+                               "sample.cuda_graph)")
+    sampling.add_argument("--latent-steps", type=_positive_int, metavar="K",
+                          help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
+    sampling.add_argument("--decoder-steps", type=_positive_int, metavar="K",
+                          help="sampling steps of the decoder (default: the run's sample.decoder_steps)")
+    running = argparse.ArgumentParser(add_help=False)  # sample, eval, distill
+    running.add_argument("--device", type=_device, default="auto",
+                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
+    running.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -275,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     sample = sub.add_parser(
-        "sample", parents=[common], help="sample images from a trained run",
+        "sample", parents=[common, sampling, running], help="sample images from a trained run",
         description="Generate a grid of images with a run's newest checkpoint (EMA weights): the base model's "
                     "latents, decoded. A run whose stage 2 has not run samples its stage-1 prior instead.")
     sample.add_argument("--run", required=True, help="run folder written by ul-fast train")
@@ -286,23 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--label", type=int, help="class label for every image (default: all classes in turn)")
     sample.add_argument("--guidance", type=_non_negative_float,
                         help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance)")
-    sample.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
-    sample.add_argument("--spacing", choices=SPACINGS,
-                        help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
-    sample.add_argument("--cuda-graph", action="store_true",
-                        help="on CUDA, replay a captured network call per step (default: the run's sample.cuda_graph)")
-    sample.add_argument("--latent-steps", type=_positive_int,
-                        help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
-    sample.add_argument("--decoder-steps", type=_positive_int,
-                        help="sampling steps of the decoder (default: the run's sample.decoder_steps)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
-    sample.add_argument("--device", type=_device, default="auto",
-                        help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
-    sample.add_argument("--no-progress", action="store_true", help="no progress bars")
     sample.set_defaults(func=_sample)
 
     evaluate = sub.add_parser(
-        "eval", parents=[common], help="measure a run: rFD, gFD, KID, PSNR, bits/pixel (writes RUN/eval.json)",
+        "eval", parents=[common, sampling, running],
+        help="measure a run: rFD, gFD, KID, PSNR, bits/pixel (writes RUN/eval.json)",
         description="Evaluate a run's newest checkpoint (EMA weights) on N held-out images: Fréchet distance and "
                     "KID of their reconstructions (rFD) and of N base-model samples against the training set (gFD), "
                     "the reconstructions' PSNR, and bits/pixel of their latents under the prior and under the base "
@@ -311,16 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
                           help="N: held-out images to reconstruct and images to sample (default 1000; at most "
                                "the test split's size)")
-    evaluate.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
-    evaluate.add_argument("--spacing", choices=SPACINGS,
-                          help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
-    evaluate.add_argument("--cuda-graph", action="store_true",
-                          help="on CUDA, replay a captured network call per step (default: the run's "
-                               "sample.cuda_graph)")
-    evaluate.add_argument("--latent-steps", type=_positive_int, metavar="K",
-                          help="sampling steps of the latent diffusion (default: the run's sample.latent_steps)")
-    evaluate.add_argument("--decoder-steps", type=_positive_int, metavar="K",
-                          help="sampling steps of the decoder (default: the run's sample.decoder_steps)")
     evaluate.add_argument("--guidance", type=_non_negative_float, metavar="W",
                           help="classifier-free guidance scale of the samples, 1 = none (default: the run's "
                                "sample.guidance)")
@@ -330,13 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "ul-fast, for grayscale data (default); inception:PATH, the FID Inception-v3 with "
                                "your copy of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's conventions; "
                                "nothing is downloaded)")
-    evaluate.add_argument("--device", type=_device, default="auto",
-                          help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=_eval)
 
     distill = sub.add_parser(
-        "distill", parents=[common], help="distil a run's decoder into fewer sampling steps (a new run folder)",
+        "distill", parents=[common, running],
+        help="distil a run's decoder into fewer sampling steps (a new run folder)",
         description="Progressive distillation (Salimans & Ho 2022) of a run's decoder: each round a student learns "
                     "to take in one DDIM step what its teacher takes in two, halving the decoder's steps from "
                     "--from-steps to --to-steps. Writes a run folder (--out) that ul-fast sample and eval use as is, "
@@ -357,9 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true",
                          help="continue the distillation in --out from its newest checkpoint (same options)")
     distill.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    distill.add_argument("--device", type=_device, default="auto",
-                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps (default auto)")
-    distill.add_argument("--no-progress", action="store_true", help="no progress bars")
     distill.set_defaults(func=_distill)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
