@@ -23,6 +23,8 @@ from ul_fast import ops  # noqa: E402
 from ul_fast.kernels import triton_adaln as tn  # noqa: E402
 from ul_fast.ops import dispatch, reference  # noqa: E402
 
+from spies import record_kernel_runs  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -172,14 +174,7 @@ def _check_dispatch(monkeypatch, device: str) -> None:
     monkeypatch.setenv("UL_FAST_BACKEND", "fast")
     if device == "cpu":
         monkeypatch.setitem(dispatch.KERNELS, ("adaln_layernorm", "cpu"), tn.KERNELS[("adaln_layernorm", "cuda")])
-    calls = []
-    forward = tn._forward
-
-    def spy(*args):
-        calls.append(tuple(args[0].shape))
-        return forward(*args)
-
-    monkeypatch.setattr(tn, "_forward", spy)
+    calls = record_kernel_runs(monkeypatch, tn)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x, mod = torch.randn(4, 9, 768, device=device, dtype=dtype), torch.randn(4, 1536, device=device, dtype=dtype)
     assert tn.supports(x, *mod.chunk(2, dim=1), EPS)

@@ -25,6 +25,8 @@ from ul_fast.kernels import triton_adaln as tn  # noqa: E402
 from ul_fast.kernels import triton_attention as ta  # noqa: E402
 from ul_fast.ops import dispatch, reference  # noqa: E402
 
+from spies import record_kernel_runs  # noqa: E402
+
 # The interpreter's scalar conversions trip a NumPy deprecation on every loop bound.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -257,19 +259,6 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-3000:])
 
 
-def _record_kernel_runs(monkeypatch, module) -> list:
-    """Wrap ``module._forward`` (what its custom op runs: the kernel launches) to record each call's input shape."""
-    calls = []
-    forward = module._forward
-
-    def spy(*args):
-        calls.append(tuple(args[0].shape))
-        return forward(*args)
-
-    monkeypatch.setattr(module, "_forward", spy)
-    return calls
-
-
 def _check_dispatch(monkeypatch, device: str) -> None:
     """``ops.attention`` launches the Triton kernels for inputs ``supports`` accepts and the reference for the
     others — seen by which code runs, not by results differing. On CUDA: bf16 at S = 1024, D = 128 takes the
@@ -283,7 +272,7 @@ def _check_dispatch(monkeypatch, device: str) -> None:
     else:
         taken = torch.randn(1, 1024, 2, 128, device=device, dtype=torch.bfloat16)
         refused = [taken.float(), taken[:, :64]]
-    calls = _record_kernel_runs(monkeypatch, ta)
+    calls = record_kernel_runs(monkeypatch, ta)
     assert ta.supports(taken, taken, taken)
     ops.attention(taken, taken, taken)
     assert calls == [tuple(taken.shape)]
