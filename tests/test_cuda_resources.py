@@ -16,8 +16,8 @@ from ul_fast.kernels import extension_ops
 REPO = Path(__file__).resolve().parents[1]
 # Per kernel, per thread. The Philox kernels reserve a 32-byte stack frame for sincosf's Payne-Hanek
 # reduction (an out-of-line subroutine once sincosf is called twice; it runs only for |θ| > ~1e5, and θ ≤ 2π,
-# so the frame is never touched). The embedding backward spills 8 bytes (it is never dispatched:
-# extension_ops.embed_supports). Anything more is a regression.
+# so the frame is never touched). The embedding backward spills 8 bytes (cause not found; the reference
+# embedding is the default on CPU and CUDA, see dispatch.REFERENCE_IS_FASTER). Anything more is a regression.
 MAX_STACK_BYTES = 32
 MAX_SPILL_BYTES = 8
 
@@ -38,6 +38,7 @@ def _setup_module():
 ])
 def test_grids_fit_cuda_limits(numel, batch, nfreq, nout):
     C = extension_ops._C
+    assert (C.MAX_GRID_X, C.MAX_GRID_YZ) == (2**31 - 1, 65_535)  # CUDA's limits (compute capability >= 3.0)
     grids = C.cuda_grids(numel=numel, batch=batch, nfreq=nfreq, nout=nout, check=True)
     assert set(grids) == {"elementwise", "loss_forward", "per_example", "embed_forward", "embed_backward"}
     for name, (x, y, z) in grids.items():
