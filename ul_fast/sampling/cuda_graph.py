@@ -110,17 +110,17 @@ class GraphedCall:
                 with torch.cuda.graph(graph, pool=self._pool):
                     output = self.fn(*inputs)
         except Exception as error:  # capture is an optimisation: fall back, say why once
-            self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            warnings.warn(f"ul_fast: CUDA-graph capture failed ({self.failure}); sampling runs eagerly",
-                          RuntimeWarning, stacklevel=3)
             torch.cuda.synchronize(device)
-            return None
+            return self._give_up(f"{type(error).__name__}: {error}".splitlines()[0][:300])
         if not isinstance(output, torch.Tensor):
-            self.failure = f"the captured function returned {type(output).__name__}, not a tensor"
-            warnings.warn(f"ul_fast: CUDA-graph capture failed ({self.failure}); sampling runs eagerly",
-                          RuntimeWarning, stacklevel=3)
-            return None
+            return self._give_up(f"the captured function returned {type(output).__name__}, not a tensor")
         return _Captured(graph, inputs, output)
+
+    def _give_up(self, reason: str) -> None:
+        """Record why capture failed and warn once; every later call runs eagerly."""
+        self.failure = reason
+        warnings.warn(f"ul_fast: CUDA-graph capture failed ({reason}); sampling runs eagerly", RuntimeWarning,
+                      stacklevel=4)
 
 
 _GRAPHED_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, GraphedCall] = weakref.WeakKeyDictionary()
