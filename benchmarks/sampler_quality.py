@@ -22,13 +22,9 @@ import torch
 
 from ul_fast.data import Conditioning, load_dataset
 from ul_fast.eval import feature_statistics, frechet_distance, psnr
-from ul_fast.eval.evaluate import check_features, load_feature_network
+from ul_fast.eval.evaluate import check_features, in_batches, load_feature_network
 from ul_fast.sampling import EVALUATIONS_PER_STEP, SAMPLERS
 from ul_fast.train import load_trained_model
-
-
-def batched(function, total: int, batch_size: int) -> torch.Tensor:
-    return torch.cat([function(a, min(a + batch_size, total)) for a in range(0, total, batch_size)])
 
 
 def main() -> None:
@@ -55,7 +51,8 @@ def main() -> None:
     originals = test.images[:args.samples]
 
     def embed(images: torch.Tensor) -> torch.Tensor:
-        return batched(lambda a, b: features_net.features(images[a:b]).double(), len(images), 250)
+        return in_batches(lambda a, b: features_net.features(images[a:b]).double(), len(images), 250, "features",
+                          progress=False)
 
     original_stats = feature_statistics(embed(originals))
     train_stats = feature_statistics(embed(train.images))
@@ -75,8 +72,9 @@ def main() -> None:
     @torch.no_grad()
     def reconstruction_row(sampler: str, steps: int) -> dict:
         generator = torch.Generator().manual_seed(args.seed)
-        recon = batched(lambda a, b: model.reconstruct(originals[a:b], steps, sampler, generator,
-                                                        spacing=args.spacing).float(), args.samples, 250)
+        recon = in_batches(lambda a, b: model.reconstruct(originals[a:b], steps, sampler, generator,
+                                                           spacing=args.spacing).float(), args.samples, 250,
+                           "reconstructing", progress=False)
         return {"kind": "reconstruction", "sampler": sampler, "steps": steps,
                 "evaluations": steps * EVALUATIONS_PER_STEP[sampler] + 1,  # + the final denoising step
                 "psnr": float(psnr(recon, originals).mean()),
@@ -92,7 +90,7 @@ def main() -> None:
                                        guidance=s.guidance, guidance_interval=tuple(s.guidance_interval), **batch)
             return model.decode(z_0, args.fixed_decoder_steps, "ddim", generator).float()
 
-        samples = batched(generate, args.samples, 250)
+        samples = in_batches(generate, args.samples, 250, "sampling", progress=False)
         return {"kind": "generation", "sampler": sampler, "steps": steps,
                 "evaluations": steps * EVALUATIONS_PER_STEP[sampler],
                 "fd": frechet_distance(*train_stats, *feature_statistics(embed(samples)))}

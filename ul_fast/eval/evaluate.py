@@ -44,8 +44,8 @@ from ul_fast.eval.inception import check_fid_inception_file, load_fid_inception
 if TYPE_CHECKING:  # a type only: the model is passed in, loaded by the caller
     from ul_fast.model import UnifiedLatents
 
-__all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "load_feature_network",
-           "write_json"]
+__all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "in_batches",
+           "load_feature_network", "write_json"]
 
 EVAL_FILE = "eval.json"
 FEATURES = ("fmnist", "inception:PATH")
@@ -86,7 +86,7 @@ def load_feature_network(features: str, device: torch.device) -> torch.nn.Module
     return load_fmnist_classifier(device)
 
 
-def _in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_size: int, description: str,
+def in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_size: int, description: str,
                 progress: bool) -> torch.Tensor:
     """``function(start, stop)`` over ``[0, total)`` in batches, concatenated along dim 0, with a progress bar."""
     parts = []
@@ -153,7 +153,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     feature_net = load_feature_network(features, device)
 
     def embed(images: torch.Tensor, description: str) -> torch.Tensor:
-        return _in_batches(lambda a, b: feature_net.features(images[a:b].to(device)).double().cpu(), len(images),
+        return in_batches(lambda a, b: feature_net.features(images[a:b].to(device)).double().cpu(), len(images),
                            batch_size, description, progress)
 
     def generator(offset: int) -> torch.Generator:
@@ -167,7 +167,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
 
     # 1. Reconstructions: rFD, rKID, PSNR.
     recon_generator = generator(0)
-    reconstructions = _in_batches(
+    reconstructions = in_batches(
         lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
                                      spacing=spacing, cuda_graph=cuda_graph).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
@@ -190,7 +190,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
             return model.latent_nats(originals[a:b].to(device), network=network, generator=nats_generator,
                                      **inputs).double().cpu()
 
-        return float(_in_batches(nats, samples, batch_size, f"bits/pixel ({network})", progress).mean()) / (
+        return float(in_batches(nats, samples, batch_size, f"bits/pixel ({network})", progress).mean()) / (
             math.log(2) * pixels)
 
     bpp_prior = None if model.single_stage else bits_per_pixel("prior", 1)
@@ -208,7 +208,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                                 cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
                                 **batch_inputs).float().cpu()
 
-        generated = _in_batches(generate, samples, batch_size, "sampling", progress)
+        generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
                                  embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
 
