@@ -50,27 +50,28 @@ DELTA_BLOCK = 16 if INTERPRET else 64  # rows per program of the backward's Δ k
 def faster_than_reference(seq_len: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels beat the reference (SDPA) on CUDA at this size, forward and backward.
 
-    Measured on an H200 in bf16 (benchmarks/gpu_bench_attention.py, torch 2.11, 2026-11-28), forward+backward
-    ms of the Triton kernels against SDPA's backends on contiguous ``[B, H, S, D]`` (SDPA's best case). SDPA's
-    fixed priority puts flash first, so the reference runs flash on these inputs:
+    Measured on an H200 in bf16 (benchmarks/gpu_bench_attention.py, torch 2.11, 2026-11-28, GPU run 3: the
+    kernels as retiled for no register spills), forward+backward ms of the Triton kernels against SDPA's
+    backends on contiguous ``[B, H, S, D]`` (SDPA's best case). SDPA's fixed priority puts flash first, so the
+    reference runs flash on these inputs:
 
     ==================  ======  ==========  ==========
     B, H, S, D          Triton  SDPA flash  SDPA cuDNN
     ==================  ======  ==========  ==========
-    256, 6, 64, 64      0.830   0.249       0.162
-    64, 12, 256, 64     0.689   0.362       0.224
-    64, 16, 256, 64     0.881   0.468       0.287
-    16, 12, 1024, 64    0.905   0.805       0.488
-    8, 16, 1024, 128    0.791   0.974       0.512
-    4, 16, 4096, 64     2.479   3.508       2.143
+    256, 6, 64, 64      0.797   0.249       0.149
+    64, 12, 256, 64     0.904   0.359       0.285
+    64, 16, 256, 64     0.798   0.464       0.284
+    16, 12, 1024, 64    1.021   0.804       0.490
+    8, 16, 1024, 128    1.130   0.971       0.521
+    4, 16, 4096, 64     2.699   3.494       2.167
     ==================  ======  ==========  ==========
 
-    The kernels win only at long sequences (S ≥ 1024 with D = 128, S = 4096; forward alone they win from
-    S = 1024, split the two S = 256 shapes and lose at S = 64), so they take only those. fp32 never: its
-    full-precision FMA dots are a correctness path, far slower than SDPA's. (cuDNN, which SDPA does not pick
-    by default, beats both.)
+    The kernels win only at S = 4096 (1.29x flash), so they take S >= 4096 alone. (Before the retiling they
+    also won at S = 1024, D = 128: 0.791 ms; the spill-free backward tiles cost that. Forward alone they beat
+    flash from S = 256.) fp32 never: its full-precision FMA dots are a correctness path, far slower than
+    SDPA's. cuDNN, which SDPA does not pick by default, beats both everywhere.
     """
-    return dtype != torch.float32 and (seq_len >= 4096 or (seq_len >= 1024 and head_dim == 128))
+    return dtype != torch.float32 and seq_len >= 4096
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

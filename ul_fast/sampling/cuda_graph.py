@@ -12,7 +12,10 @@ must not depend on anything but its tensor arguments and tensors it holds (e.g. 
 latent, which a chain keeps fixed).
 
 Capture runs the call twice first on a side stream (warming up cuBLAS handles and Triton's autotuner, which
-cannot run inside a capture). If capture fails, a warning says why, once, and every later call runs eagerly.
+cannot run inside a capture). If capture fails, a warning says why, once, and every later call runs eagerly. A
+failed capture leaves the device's default generator in capture mode (PyTorch ends its capture bookkeeping only
+after a successful ``cudaStreamEndCapture``), so every later random op would fail with "Offset increment outside
+graph capture": the generator gets a fresh state with the same seed and offset.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ class GraphedCall:
                     output = self.fn(*inputs)
         except Exception as error:  # capture is an optimisation: fall back, say why once
             torch.cuda.synchronize(device)
+            _release_generator_from_failed_capture(device)
             return self._give_up(f"{type(error).__name__}: {error}".splitlines()[0][:300])
         if not isinstance(output, torch.Tensor):
             return self._give_up(f"the captured function returned {type(output).__name__}, not a tensor")
@@ -121,6 +125,20 @@ class GraphedCall:
         self.failure = reason
         warnings.warn(f"ul_fast: CUDA-graph capture failed ({reason}); sampling runs eagerly", RuntimeWarning,
                       stacklevel=4)
+
+
+def _release_generator_from_failed_capture(device: torch.device) -> None:
+    """Give ``device``'s default CUDA generator a fresh state (not in capture mode) with its seed and offset.
+
+    Random ops inside a capture advance only the capture's own offset, so the generator's offset is what it was
+    before the capture began: restoring it keeps ``torch.manual_seed`` reproducing eager runs.
+    """
+    generator = torch.cuda.default_generators[device.index if device.index is not None else
+                                              torch.cuda.current_device()]
+    fresh = torch.cuda.Generator(device)
+    fresh.manual_seed(generator.initial_seed())
+    fresh.set_offset(generator.get_offset())
+    generator.graphsafe_set_state(fresh)
 
 
 _GRAPHED_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, GraphedCall] = weakref.WeakKeyDictionary()
