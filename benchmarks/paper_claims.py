@@ -223,6 +223,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 def write_report(root: Path, out: Path, data: str, samples: int, wall_s: float | None) -> None:
     results = load_results(root)
     spread = seed_spread(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
     (out.parent / "data").mkdir(exist_ok=True)
     (out.parent / "data" / f"{out.stem}.json").write_text(json.dumps(results, indent=1, default=str))
