@@ -43,6 +43,10 @@ LATENT_PRIORS = ("diffusion", "normal")
 DECODER_LOSSES = ("diffusion", "mse")
 """``model.decoder_loss``: the diffusion decoder of the method, or a deterministic Gaussian decoder (Tab. 5
 row 2)."""
+CROPS = ("center", "random")
+"""``data.crop``: how a streamed image is cut to a square before it is resized (``ul_fast.data.augment``)."""
+BAD_IMAGE_POLICIES = ("skip", "fail")
+"""``data.on_bad_image``: what a streamed image whose bytes do not decode does (``ul_fast.data.loader``)."""
 
 
 class ConfigError(ValueError):
@@ -169,7 +173,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    # A spec string (ul_fast.data.spec): in memory (fmnist-embedded, fmnist[:DIR], folder:DIR, array:FILE) or
+    # streamed from disk (folder-stream:DIR, shards:DIR, latents:DIR).
     dataset: str = "fmnist-embedded"
+    # Streamed images only (in-memory data is already center-cropped and resized when it is loaded):
+    # crop (one of CROPS): the square of the shorter side at the center, or at a random position per example.
+    crop: str = "center"
+    flip: bool = False  # horizontal flip of each training example with probability 1/2
+    # Streamed data only: decoding processes per rank (0: in the training process) and batches each prepares
+    # ahead. Neither changes the batches.
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    # An image whose bytes do not decode (one of BAD_IMAGE_POLICIES): skip = replace it by the next one that
+    # does, with a warning and a count in the metrics (bad_images); fail = stop the run, naming the file.
+    on_bad_image: str = "skip"
 
 
 @dataclass
@@ -407,6 +424,7 @@ def validate(config: Config) -> None:
     _validate_networks(config.model)
     _validate_train(config.train)
     _validate_sample(config.sample)
+    _validate_data(config.data)
 
 
 def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
@@ -534,3 +552,12 @@ def _validate_sample(s: SampleConfig) -> None:
     _require(s.guidance >= 0, f"sample.guidance must be >= 0 (1: no guidance, 0: unconditional), got {s.guidance}")
     _require(len(s.guidance_interval) == 2 and s.guidance_interval[0] <= s.guidance_interval[1],
              "sample.guidance_interval must be [min_logsnr, max_logsnr]")
+
+
+def _validate_data(d: DataConfig) -> None:
+    _require(d.crop in CROPS, f"data.crop must be one of {CROPS}, got {d.crop!r}")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0 (0: decode in the training process), got "
+                                 f"{d.num_workers}")
+    _require(d.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {d.prefetch_factor}")
+    _require(d.on_bad_image in BAD_IMAGE_POLICIES,
+             f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {d.on_bad_image!r}")

@@ -1,12 +1,16 @@
-"""Data for ul_fast: the embedded Fashion-MNIST subset, loaders, a resumable batch stream, captions.
+"""Data for ul_fast: the embedded Fashion-MNIST subset, loaders, resumable batch streams, captions.
 
-Every loader returns an :class:`ImageArrayDataset` (float32 ``[N, C, H, W]`` in [-1, 1], optional int64
-labels). :func:`load_dataset` picks a loader from a spec string; :class:`BatchStream` yields shuffled
-batches with an exactly restorable position; :class:`Conditioning` gives the class labels and caption
+Every in-memory loader returns an :class:`ImageArrayDataset` (float32 ``[N, C, H, W]`` in [-1, 1], optional
+int64 labels); data too large for memory is a map-style source read example by example
+(:class:`LazyImageFolder`, :class:`ShardSource`, :class:`LatentCache`). :func:`load_dataset` picks one from a
+spec string; :class:`BatchStream` yields shuffled batches of in-memory data with an exactly restorable
+position, and :class:`StreamingBatches` the same batches of a source, decoded and augmented
+(:class:`ImageTransform`) in DataLoader workers; :class:`Conditioning` gives the class labels and caption
 embeddings of training batches, sample grids and sampling requests.
 """
 
 from .arrays import LAYOUTS, array_to_dataset, detect_layout, load_array
+from .augment import ImageTransform, item_rng
 from .captions import (
     CAPTION_TEMPLATES,
     FASHION_MNIST_NOUNS,
@@ -17,6 +21,7 @@ from .captions import (
 )
 from .conditioning import Conditioning
 from .dataset import ImageArrayDataset, resize_images, uint8_to_float
+from .errors import BadImageError
 from .fashion_mnist import (
     DEBIAN_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
@@ -24,11 +29,17 @@ from .fashion_mnist import (
     load_fashion_mnist_idx,
     read_idx,
 )
-from .folder import IMAGE_EXTENSIONS, load_image_folder
-from .spec import DATASET_SPECS, load_dataset
+from .folder import IMAGE_EXTENSIONS, decode_image, list_image_folder, load_image_folder, open_image
+from .latent_cache import LatentCache
+from .lazy_folder import LazyImageFolder
+from .loader import BadImageWarning, StreamingBatches, load_examples
+from .shards import ShardSource
+from .spec import DATASET_SPECS, STREAMING_KINDS, is_streaming, load_dataset, spec_kind
 from .stream import BatchStream
 
 __all__ = [
+    "BadImageError",
+    "BadImageWarning",
     "BatchStream",
     "CAPTION_TEMPLATES",
     "Conditioning",
@@ -38,19 +49,32 @@ __all__ = [
     "FASHION_MNIST_NOUNS",
     "IMAGE_EXTENSIONS",
     "ImageArrayDataset",
+    "ImageTransform",
     "LAYOUTS",
+    "LatentCache",
+    "LazyImageFolder",
+    "STREAMING_KINDS",
+    "ShardSource",
+    "StreamingBatches",
     "all_fashion_mnist_captions",
     "array_to_dataset",
     "captions_for_class",
+    "decode_image",
     "detect_layout",
     "fashion_mnist_captions",
+    "is_streaming",
+    "item_rng",
+    "list_image_folder",
     "load_array",
     "load_dataset",
     "load_embedded_fashion_mnist",
+    "load_examples",
     "load_fashion_mnist_idx",
     "load_image_folder",
+    "open_image",
     "read_idx",
     "resize_images",
+    "spec_kind",
     "uint8_to_float",
     "with_article",
 ]

@@ -1,51 +1,103 @@
-"""Image folders (PNG / JPEG via Pillow).
+"""Image folders (PNG / JPEG via Pillow): the layout rules, the decoder, and the in-memory loader.
 
 Layout: either ``root/<class>/<image>`` (every entry of ``root`` a folder: classes are the sorted
 folder names, labels their index) or ``root/<image>`` (unlabeled). Each image is converted to mode "L"
 (channels=1) or "RGB" (channels=3; an alpha channel is dropped), center-cropped to a square of its
 shorter side and resized to ``image_size`` with Pillow's bicubic filter (antialiased when shrinking).
-Hidden files (names starting with ".") are skipped; any other file that is not a readable PNG/JPEG
-fails with an error naming it.
+Hidden files (names starting with ".") are skipped; any other file that is not a PNG/JPEG fails with an
+error naming it.
+
+:func:`list_image_folder`, :func:`open_image` and :func:`decode_image` are shared with the streaming
+:class:`~ul_fast.data.lazy_folder.LazyImageFolder`, so both read a folder by the same rules.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .augment import ImageTransform
 from .dataset import ImageArrayDataset, uint8_to_float
+from .errors import BadImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "list_image_folder", "load_image_folder", "open_image",
+           "visible_entries"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def _visible(entries: list[Path]) -> list[Path]:
-    return sorted(p for p in entries if not p.name.startswith("."))
+def visible_entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` not starting with ".", sorted by name (``os.scandir``: no stat per file)."""
+    with os.scandir(folder) as entries:
+        return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
 
 
-def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One file -> uint8 ``[image_size, image_size, channels]``."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"{path}: not an image file (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})")
+def _check_image_name(folder: Path, entry: os.DirEntry) -> str:
+    if entry.is_dir():
+        raise ValueError(f"unexpected nested folder {folder / entry.name} (one level of class folders is supported)")
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"{folder / entry.name}: not an image file (accepted extensions: "
+                         f"{', '.join(IMAGE_EXTENSIONS)})")
+    return entry.name
+
+
+def list_image_folder(root: str | Path) -> tuple[list[str] | None, list[list[str]]]:
+    """The images of a folder by the layout rules above, without opening them.
+
+    Returns ``(class_names, files)``: ``class_names`` the sorted class folders (None when unlabeled) and
+    ``files[k]`` the sorted file names of class ``k`` (one group, names directly in ``root``, when unlabeled).
+    Raises FileNotFoundError when ``root`` is not a folder and ValueError, naming the path, on a layout the
+    rules do not accept (empty, files mixed with class folders, nested folders, other file types).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a folder")
+    entries = visible_entries(root)
+    if not entries:
+        raise ValueError(f"image folder {root} is empty (expected PNG/JPEG files or class sub-folders)")
+    dirs = [e for e in entries if e.is_dir()]
+    if not dirs:
+        return None, [[_check_image_name(root, e) for e in entries]]
+    if len(dirs) != len(entries):
+        loose = next(e for e in entries if not e.is_dir())
+        raise ValueError(f"image folder {root} mixes class sub-folders with files such as {root / loose.name}; "
+                         f"put every image in a class folder, or use no sub-folders for unlabeled data")
+    files = []
+    for d in dirs:
+        names = [_check_image_name(root / d.name, e) for e in visible_entries(root / d.name)]
+        if not names:
+            raise ValueError(f"class folder {root / d.name} has no images")
+        files.append(names)
+    return [d.name for d in dirs], files
+
+
+def decode_image(data: bytes, channels: int, where: str) -> Image.Image:
+    """Decode PNG or JPEG bytes to a Pillow image of mode "L" (``channels`` 1) or "RGB" (3; alpha dropped), at
+    the stored size. Bytes that do not decode as either (truncated, empty, another format) raise
+    :class:`BadImageError` naming ``where`` (a path, a shard member)."""
     try:
-        with Image.open(path) as im:
-            if im.format not in ("PNG", "JPEG"):
-                raise ValueError(f"{path}: is a {im.format} image, expected PNG or JPEG")
-            im = im.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot be read as an image ({e})") from e
-    w, h = im.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    if side != image_size:
-        im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    arr = np.asarray(im, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+        with Image.open(io.BytesIO(data)) as im:
+            image_format = im.format
+            if image_format in ("PNG", "JPEG"):
+                return im.convert("L" if channels == 1 else "RGB")
+    # Pillow's decode errors: unidentified or truncated data (OSError), garbled headers or tiles (SyntaxError,
+    # ValueError), absurd dimensions (DecompressionBombError).
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(where, str(e) or type(e).__name__) from e
+    raise BadImageError(where, f"a {image_format} image, expected PNG or JPEG")
+
+
+def open_image(path: str | Path, channels: int) -> Image.Image:
+    """Read and decode one PNG/JPEG file (see :func:`decode_image`).
+
+    The file is read whole first, so a missing or unreadable file raises its own OSError, never
+    :class:`BadImageError`.
+    """
+    return decode_image(Path(path).read_bytes(), channels, str(path))
 
 
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3) -> ImageArrayDataset:
@@ -59,32 +111,15 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3) -> I
         raise ValueError(f"load_image_folder: channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"load_image_folder: image_size must be a positive int, got {image_size!r}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"load_image_folder: {root} is not a folder")
-    entries = _visible(list(root.iterdir()))
-    if not entries:
-        raise ValueError(f"load_image_folder: {root} is empty (expected PNG/JPEG files or class sub-folders)")
-
-    dirs = [p for p in entries if p.is_dir()]
-    if dirs and len(dirs) != len(entries):
-        loose = next(p for p in entries if not p.is_dir())
-        raise ValueError(f"load_image_folder: {root} mixes class sub-folders with files such as {loose}; "
-                         f"put every image in a class folder, or use no sub-folders for unlabeled data")
-    class_names: list[str] | None = [d.name for d in dirs] if dirs else None
-    groups = [(k, _visible(list(d.iterdir()))) for k, d in enumerate(dirs)] if dirs else [(-1, entries)]
-
-    images: list[np.ndarray] = []
+    class_names, files = list_image_folder(root)
+    transform = ImageTransform(image_size, channels)  # center crop, no flip
+    images: list[torch.Tensor] = []
     labels: list[int] = []
-    for label, files in groups:
-        if not files:
-            raise ValueError(f"load_image_folder: class folder {dirs[label]} has no images")
-        for f in files:
-            if f.is_dir():
-                raise ValueError(f"load_image_folder: unexpected nested folder {f} (one level of class "
-                                 f"folders is supported)")
-            images.append(_read_image(f, image_size, channels))
+    for label, names in enumerate(files):
+        folder = root if class_names is None else root / class_names[label]
+        for name in names:
+            images.append(transform(open_image(folder / name, channels)))
             labels.append(label)
-
-    x = uint8_to_float(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    x = uint8_to_float(torch.stack(images))
     y = torch.tensor(labels, dtype=torch.int64) if class_names is not None else None
     return ImageArrayDataset(x, y, class_names=class_names, source=f"folder:{root}")

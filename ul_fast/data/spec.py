@@ -1,34 +1,68 @@
-"""``load_dataset``: one entry point that turns a data spec string into an :class:`ImageArrayDataset`.
+"""``load_dataset``: one entry point that turns a data spec string into the data of a split.
 
-Accepted specs:
+In memory (an :class:`ImageArrayDataset` at ``image_size``):
   * ``fmnist-embedded`` (default) -- the 5k/1k Fashion-MNIST subset shipped in the package;
   * ``fmnist`` or ``fmnist:<dir>`` -- full Fashion-MNIST from idx(.gz) files (default dir: Debian's
     ``/usr/share/datasets/fashion-mnist``);
-  * ``folder:<dir>`` -- PNG/JPEG images; if ``<dir>/train`` and ``<dir>/test`` both exist, ``<dir>/<split>``
-    is used, otherwise ``<dir>`` serves both splits;
+  * ``folder:<dir>`` -- PNG/JPEG images;
   * ``array:<file>`` -- ``.npy`` / ``.npz`` (an ``.npz`` may hold ``train_images`` / ``test_images``).
+
+Streamed from disk (:data:`STREAMING_KINDS`; a map-style source read example by example, e.g. by
+:class:`~ul_fast.data.loader.StreamingBatches`; ``image_size`` does not apply, images keep their stored size):
+  * ``folder-stream:<dir>`` -- PNG/JPEG images as ``folder:`` reads them, decoded lazily
+    (:class:`~ul_fast.data.lazy_folder.LazyImageFolder`);
+  * ``shards:<dir>`` -- WebDataset tar shards ``<dir>/*.tar`` (:class:`~ul_fast.data.shards.ShardSource`);
+  * ``latents:<dir>`` -- a latent cache written by ``ul-fast encode``
+    (:class:`~ul_fast.data.latent_cache.LatentCache`: ``(z_clean, label)`` examples, for stage 2).
+
+For ``folder:``, ``folder-stream:`` and ``shards:``, when ``<dir>/train`` and ``<dir>/test`` both exist,
+``<dir>/<split>`` is used; otherwise ``<dir>`` serves both splits.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .arrays import load_array
 from .dataset import ImageArrayDataset
 from .fashion_mnist import DEBIAN_FASHION_MNIST_ROOT, load_embedded_fashion_mnist, load_fashion_mnist_idx
 from .folder import load_image_folder
+from .latent_cache import LatentCache
+from .lazy_folder import LazyImageFolder
+from .shards import ShardSource
 
-__all__ = ["DATASET_SPECS", "load_dataset"]
+__all__ = ["DATASET_SPECS", "STREAMING_KINDS", "is_streaming", "load_dataset", "spec_kind"]
 
-DATASET_SPECS = ("fmnist-embedded", "fmnist[:<dir>]", "folder:<dir>", "array:<file.npy|file.npz>")
+DATASET_SPECS = ("fmnist-embedded", "fmnist[:<dir>]", "folder:<dir>", "array:<file.npy|file.npz>",
+                 "folder-stream:<dir>", "shards:<dir>", "latents:<dir>")
+STREAMING_KINDS = ("folder-stream", "shards", "latents")
+"""Spec kinds read from disk while training, never whole into memory."""
+
+
+def spec_kind(spec: str) -> str:
+    """The kind of a spec: the part before the first ":" (``"folder-stream:/data"`` → ``"folder-stream"``)."""
+    return spec.partition(":")[0]
+
+
+def is_streaming(spec: str) -> bool:
+    """Whether ``spec`` names data read from disk while training (see :data:`STREAMING_KINDS`)."""
+    return spec_kind(spec) in STREAMING_KINDS
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/split`` when ``root`` holds both ``train`` and ``test`` folders, else ``root``."""
+    return root / split if (root / "train").is_dir() and (root / "test").is_dir() else root
 
 
 def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size: int = 32,
-                 channels: int | None = None) -> ImageArrayDataset:
-    """Load the data set named by ``spec`` (see module docstring) at ``image_size``.
+                 channels: int | None = None, cache_dir: str | Path | None = None) -> ImageArrayDataset | Any:
+    """The ``split`` of the data named by ``spec`` (see module docstring): an :class:`ImageArrayDataset` at
+    ``image_size``, or for a streaming spec its map-style source.
 
     ``channels``: None keeps the data's own channel count. Fashion-MNIST is grayscale (only 1 allowed);
-    folders convert every image to it (default 3); arrays must already have it.
+    folders convert every image to it (default 3); arrays must already have it. ``cache_dir``: where a
+    ``folder-stream:`` index is cached when the folder is read-only (e.g. the run folder).
     """
     if split not in ("train", "test"):
         raise ValueError(f"load_dataset: split must be 'train' or 'test', got {split!r}")
@@ -47,10 +81,13 @@ def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size
             return load_embedded_fashion_mnist(split, image_size)
         return load_fashion_mnist_idx(arg or DEBIAN_FASHION_MNIST_ROOT, split, image_size)
     if kind == "folder" and arg:
-        root = Path(arg)
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            root = root / split
-        return load_image_folder(root, image_size, 3 if channels is None else channels)
+        return load_image_folder(_split_folder(Path(arg), split), image_size, 3 if channels is None else channels)
     if kind == "array" and arg:
         return load_array(arg, split=split, image_size=image_size, channels=channels)
+    if kind == "folder-stream" and arg:
+        return LazyImageFolder(_split_folder(Path(arg), split), 3 if channels is None else channels, cache_dir)
+    if kind == "shards" and arg:
+        return ShardSource(_split_folder(Path(arg), split), channels)
+    if kind == "latents" and arg:
+        return LatentCache(arg, split=split)  # the run checks its encoder hash and latent shape
     raise ValueError(f"load_dataset: unknown data spec {spec!r}; accepted forms: {', '.join(DATASET_SPECS)}")

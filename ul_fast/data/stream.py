@@ -9,10 +9,16 @@ batch exactly, and nothing large is stored.
 With ``world_size > 1`` every rank walks the same global stream and takes its contiguous slice
 ``[rank * b, (rank + 1) * b)`` of each global batch (``b = batch_size // world_size``). All ranks hold the
 same state, so rank 0's ``state_dict()`` resumes every rank.
+
+The order works for any sized data set: :meth:`BatchStream.next_batch` gathers the batch of an in-memory
+:class:`ImageArrayDataset`, and :class:`~ul_fast.data.loader.StreamingBatches` decodes the examples of
+:meth:`BatchStream.next_items` in DataLoader workers. A data set with a ``fingerprint()`` (files on disk) puts
+it in the state, so that resuming on a changed set of files is an error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 import numpy as np
@@ -26,16 +32,16 @@ _STATE_VERSION = 1
 
 
 class BatchStream:
-    """Endless shuffled batches from an :class:`ImageArrayDataset`.
+    """Endless shuffled batches from an :class:`ImageArrayDataset` (or the indices of any sized data set).
 
     Args:
-        dataset: the data; ``len(dataset) >= 1``.
+        dataset: the data; ``len(dataset) >= 1``. :meth:`next_batch` needs an :class:`ImageArrayDataset`.
         batch_size: GLOBAL batch size (summed over ranks); must be divisible by ``world_size``.
         seed: the shuffling seed (an int >= 0).
         rank, world_size: this process's shard of each global batch.
     """
 
-    def __init__(self, dataset: ImageArrayDataset, batch_size: int, seed: int, rank: int = 0,
+    def __init__(self, dataset: ImageArrayDataset | Sized, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"BatchStream: batch_size must be a positive int, got {batch_size!r}")
@@ -60,6 +66,8 @@ class BatchStream:
         self.offset = 0  # index into the current epoch's permutation
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.int64)
+        fingerprint = getattr(dataset, "fingerprint", None)
+        self.fingerprint: str | None = fingerprint() if callable(fingerprint) else None
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """Dataset indices in epoch order: int64 ``[len(dataset)]``, a function of (seed, epoch)."""
@@ -71,29 +79,43 @@ class BatchStream:
             self._perm_epoch = epoch
         return self._perm
 
-    def next_global_indices(self) -> torch.Tensor:
-        """Advance by one global batch; returns its dataset indices, int64 ``[batch_size]``."""
+    def _next_global(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by one global batch: ``(epochs, indices)``, each int64 ``[batch_size]`` (the epoch of each
+        example: a batch may span two)."""
         n = len(self.dataset)
-        parts = []
+        parts, epochs = [], []
         need = self.batch_size
         while need:
             take = min(need, n - self.offset)
             parts.append(self.permutation(self.epoch)[self.offset:self.offset + take])
+            epochs.append(torch.full((take,), self.epoch, dtype=torch.int64))
             self.offset += take
             need -= take
             if self.offset == n:
                 self.epoch, self.offset = self.epoch + 1, 0
-        return torch.cat(parts)
+        return torch.cat(epochs), torch.cat(parts)
+
+    def next_global_indices(self) -> torch.Tensor:
+        """Advance by one global batch; returns its dataset indices, int64 ``[batch_size]``."""
+        return self._next_global()[1]
+
+    def next_items(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance by one global batch; returns this rank's share as ``(epochs, indices)``, int64 ``[b]`` each,
+        ``b = batch_size // world_size``."""
+        epochs, indices = self._next_global()
+        lo = self.rank * self.local_batch_size
+        return epochs[lo:lo + self.local_batch_size], indices[lo:lo + self.local_batch_size]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch.
+        """This rank's share of the next global batch of an in-memory data set.
 
         Returns ``(images [b, C, H, W] float32 in [-1, 1], labels [b] int64)``, ``b = batch_size //
         world_size``; labels are -1 for unlabeled data.
         """
-        idx = self.next_global_indices()
-        lo = self.rank * self.local_batch_size
-        idx = idx[lo:lo + self.local_batch_size]
+        if not isinstance(self.dataset, ImageArrayDataset):
+            raise TypeError(f"BatchStream.next_batch gathers an in-memory ImageArrayDataset; "
+                            f"{type(self.dataset).__name__} is read with ul_fast.data.StreamingBatches")
+        _, idx = self.next_items()
         images = self.dataset.images[idx]
         if self.dataset.labels is None:
             labels = torch.full((idx.numel(),), -1, dtype=torch.int64)
@@ -106,9 +128,13 @@ class BatchStream:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
-        """The position in the stream (plain ints; JSON- and torch.save-friendly)."""
-        return {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "offset": self.offset,
-                "dataset_len": len(self.dataset)}
+        """The position in the stream (plain ints, and the data set's fingerprint string when it has one;
+        JSON- and torch.save-friendly)."""
+        state = {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "offset": self.offset,
+                 "dataset_len": len(self.dataset)}
+        if self.fingerprint is not None:
+            state["fingerprint"] = self.fingerprint
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` (from any rank / world size / batch size)."""
@@ -118,6 +144,11 @@ class BatchStream:
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"BatchStream.load_state_dict: state version {state['version']} is not "
                              f"{_STATE_VERSION}")
+        if state.get("fingerprint") != self.fingerprint:
+            where = getattr(self.dataset, "source", "") or type(self.dataset).__name__
+            raise ValueError(f"BatchStream.load_state_dict: the data changed since the state was saved ({where}: "
+                             f"fingerprint {state.get('fingerprint')} then, {self.fingerprint} now; files added, "
+                             f"removed or renamed?): resume on the same data, or start a new run")
         if state["dataset_len"] != len(self.dataset):
             raise ValueError(f"BatchStream.load_state_dict: state was saved for a dataset of "
                              f"{state['dataset_len']} examples, this one has {len(self.dataset)}")

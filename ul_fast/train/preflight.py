@@ -2,17 +2,19 @@
 data and model is one error naming the key, not a crash in stage 2 after stage 1 has trained.
 
 What the configuration alone decides is checked by :func:`ul_fast.config.validate` when it is loaded; this
-module checks what it cannot know: the data's image size, channels, labels and size, and the device.
+module checks what it cannot know: the data's image size, channels, labels and size, and the device (and,
+as the config module cannot import the data's spec kinds, that augmentation is asked only of streamed data).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 from ul_fast.config import Config, ConfigError
-from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset
+from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, is_streaming
 from ul_fast.model import UnifiedLatents
 
 __all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "parameter_count"]
@@ -44,6 +46,16 @@ def parameter_count(config: Config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _labels(data: ImageArrayDataset | Any) -> tuple[bool, int, int]:
+    """``(labelled, largest label, number of classes)`` of in-memory data or of a streaming source (labelled
+    when it names its classes; its labels are then below their count)."""
+    if isinstance(data, ImageArrayDataset):
+        labelled = data.labels is not None
+        return labelled, int(data.labels.max()) if labelled else -1, data.num_classes
+    names = data.class_names
+    return names is not None, len(names or []) - 1, len(names or [])
+
+
 def _check_images(config: Config, data: ImageArrayDataset, split: str) -> None:
     m = config.model
     where = f"data.dataset {config.data.dataset!r} ({split} split)"
@@ -55,30 +67,45 @@ def _check_images(config: Config, data: ImageArrayDataset, split: str) -> None:
                           f"images")
 
 
-def _check_labels(config: Config, data: ImageArrayDataset, split: str) -> None:
+def _check_labels(config: Config, data: ImageArrayDataset | Any, split: str) -> None:
     m = config.model
     where = f"data.dataset {config.data.dataset!r} ({split} split)"
-    if m.num_classes and data.labels is None:
+    labelled, largest, classes = _labels(data)
+    if m.num_classes and not labelled:
         raise ConfigError(f"model.num_classes is {m.num_classes} (class-conditional) but {where} has no labels: "
                           f"set model.num_classes: 0 for an unconditional model, or use labelled data "
                           f"(class sub-folders, or labels in the .npz)")
-    if m.num_classes and int(data.labels.max()) >= m.num_classes:
-        raise ConfigError(f"model.num_classes is {m.num_classes} but {where} has label {int(data.labels.max())} "
-                          f"({data.num_classes} classes): set model.num_classes: {data.num_classes}")
-    if m.context_dim and (data.labels is None or data.num_classes != len(FASHION_MNIST_CLASSES)):
+    if m.num_classes and largest >= m.num_classes:
+        raise ConfigError(f"model.num_classes is {m.num_classes} but {where} has label {largest} "
+                          f"({classes} classes): set model.num_classes: {classes}")
+    fashion_mnist = labelled and classes == len(FASHION_MNIST_CLASSES) and isinstance(data, ImageArrayDataset)
+    if m.context_dim and not fashion_mnist:
         raise ConfigError(f"model.context_dim is set (a text model) but {where} is not labelled Fashion-MNIST: "
                           f"text conditioning trains on captions per Fashion-MNIST class (data.dataset "
                           f"fmnist-embedded or fmnist), or set model.context_dim: null")
 
 
-def check_run_inputs(config: Config, train_data: ImageArrayDataset, test_data: ImageArrayDataset) -> None:
+def _check_augmentation(config: Config) -> None:
+    d = config.data
+    if not is_streaming(d.dataset) and (d.crop != "center" or d.flip):
+        raise ConfigError(f"data.crop {d.crop!r} / data.flip {d.flip} augment streamed images, but data.dataset "
+                          f"{d.dataset!r} is loaded into memory already cropped and resized: use data.crop: "
+                          f"center and data.flip: false, or a streaming spec (folder-stream:DIR, shards:DIR)")
+
+
+def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_data: ImageArrayDataset) -> None:
     """Check the loaded data fits ``config`` and the device exists; raise :class:`ConfigError` naming the key.
+
+    ``train_data``: in memory, or a streaming source (decoded-image source: its images are cropped and resized
+    to ``model.image_size`` as they are read, so only its labels are checked).
 
     Also warns (``UserWarning``, one line) when a small data set is about to train paper-size networks,
     usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``)."""
     check_device(config.train.device)
+    _check_augmentation(config)
     for split, data in (("train", train_data), ("test", test_data)):
-        _check_images(config, data, split)
+        if isinstance(data, ImageArrayDataset):
+            _check_images(config, data, split)
         _check_labels(config, data, split)
     small = len(train_data) < SMALL_DATA_IMAGES or config.model.image_size <= 64
     if small and (count := parameter_count(config)) > LARGE_MODEL_PARAMETERS:

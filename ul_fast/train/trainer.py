@@ -23,8 +23,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ul_fast.config import Config, config_from_dict, save_config
-from ul_fast.data import BatchStream, Conditioning, load_dataset
+from ul_fast.config import Config, ConfigError, config_from_dict, save_config
+from ul_fast.data import (
+    BatchStream,
+    Conditioning,
+    ImageArrayDataset,
+    ImageTransform,
+    StreamingBatches,
+    load_dataset,
+    load_examples,
+    spec_kind,
+)
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
@@ -53,6 +62,10 @@ from ul_fast.train.run_folder import RunFolderError, RunLock, check_new_run, cle
 # Keys whose change on resume alters the learning rate or weight decay of the restored optimiser.
 OPTIMIZER_KEYS = ("train.lr", "train.base_lr", "train.warmup_steps", "train.weight_decay", "train.stage1_steps",
                   "train.stage2_steps")
+# Held-out images of a streaming data set kept in memory for evaluation (evaluate() reads up to 1,024).
+HELDOUT_IMAGES = 1024
+# RUN/<DATA_CACHE>: the file index of a read-only image folder (folder-stream:), rebuilt when missing.
+DATA_CACHE = "data-cache"
 # A repeat of the stop signal this soon after the first is the same request delivered twice (a terminal's
 # Ctrl-C reaches torchrun's workers directly and again through torchrun), not a second Ctrl-C.
 REPEAT_GRACE_S = 1.0
@@ -123,17 +136,16 @@ class Trainer:
             for network in (getattr(self.model, name) for name in self.model.NETWORKS):
                 if network is not None:
                     network.compile()
-        image_channels = config.model.image_channels
-        self.train_data = load_dataset(config.data.dataset, "train", config.model.image_size, image_channels)
-        self.test_data = load_dataset(config.data.dataset, "test", config.model.image_size, image_channels)
+        self.train_data, self.test_data = self._load_data()
         check_run_inputs(config, self.train_data, self.test_data)
-        self.stream = BatchStream(self.train_data, t.batch_size, t.seed, rank, world_size)
+        self.stream = self._batch_stream()
         # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
         # caption drawn per label (text models) in the conditioning's own CPU generator.
         self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + rank)
         self.conditioning = Conditioning(config.model, self.device, self.train_data, self.run_dir / "text-cache",
                                          seed=t.seed * 1000 + rank + 500)
         self.stage, self.stage_step, self.bad_steps = 1, 0, 0
+        self._bad_images_logged = 0
         self.skipped_steps = 0
         self.frozen_bits_per_pixel: float | None = None
         self.log = MetricsLog(self.run_dir, enabled=self.is_main)
@@ -141,6 +153,42 @@ class Trainer:
         self._new_optimizer()
         eval_count = min(t.eval_images, len(self.test_data))
         self.eval_images = self.test_data.images[:eval_count].to(self.device)
+
+    # ----------------------------------------------------------------------------- data
+    def _load_data(self) -> tuple[ImageArrayDataset | Any, ImageArrayDataset]:
+        """``(train, test)``: in memory, or for a streaming spec the training source and, in memory, its first
+        :data:`HELDOUT_IMAGES` test images (center crop, no flip) for evaluation."""
+        d, m = self.config.data, self.config.model
+        if spec_kind(d.dataset) == "latents":
+            raise ConfigError(f"data.dataset {d.dataset!r}: training from a latent cache is not wired into the "
+                              f"trainer; use an image spec")
+        cache_dir = self.run_dir / DATA_CACHE  # where a read-only image folder's file index is kept
+        train, test = (load_dataset(d.dataset, split, m.image_size, m.image_channels, cache_dir=cache_dir)
+                       for split in ("train", "test"))
+        if not isinstance(test, ImageArrayDataset):
+            test = load_examples(test, ImageTransform(m.image_size, m.image_channels),
+                                 min(HELDOUT_IMAGES, len(test)), d.on_bad_image)
+        return train, test
+
+    def _batch_stream(self) -> BatchStream | StreamingBatches:
+        """The training batches: gathered from memory, or decoded and augmented in DataLoader workers."""
+        d, m, t = self.config.data, self.config.model, self.config.train
+        if isinstance(self.train_data, ImageArrayDataset):
+            return BatchStream(self.train_data, t.batch_size, t.seed, self.rank, self.world_size)
+        transform = ImageTransform(m.image_size, m.image_channels, d.crop, d.flip)
+        return StreamingBatches(self.train_data, transform, t.batch_size, t.seed, self.rank, self.world_size,
+                                num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, device=self.device,
+                                on_bad_image=d.on_bad_image)
+
+    def _bad_images_since_last_log(self) -> int:
+        """Undecodable images the streaming loader skipped since the last log record, summed over the ranks."""
+        count = self.stream.bad_images - self._bad_images_logged
+        self._bad_images_logged = self.stream.bad_images
+        if self.world_size == 1:
+            return count
+        value = torch.tensor([count], device=self.device)
+        torch.distributed.all_reduce(value)
+        return int(value.item())
 
     # ----------------------------------------------------------------------------- set-up per stage
     @property
@@ -406,6 +454,8 @@ class Trainer:
                     break
         finally:
             self.log.close()
+            if isinstance(self.stream, StreamingBatches):
+                self.stream.close()  # stop the decoding workers
 
     def _any_rank(self, flag: int) -> int:
         """The largest ``flag`` over the ranks (itself in one process): one all-reduced int."""
@@ -495,6 +545,8 @@ class Trainer:
                               images_per_s=count * t.batch_size * t.grad_accumulation / max(elapsed, 1e-9))
                 if self.stage == 2:
                     record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
+                if isinstance(self.stream, StreamingBatches):
+                    record["bad_images"] = self._bad_images_since_last_log()
                 at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
                 if at_eval and (self.is_main or self.sharded):
                     record.update(self._evaluate_and_draw())
