@@ -121,6 +121,27 @@ class UnifiedLatents(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("images contain non-finite pixels (NaN or inf)")
 
+    def check_latents(self, z_clean: torch.Tensor) -> None:
+        """Raise a clear error for given clean latents (e.g. from a latent cache) of the wrong shape or with
+        non-finite values."""
+        if not isinstance(z_clean, torch.Tensor) or z_clean.dim() != 4:
+            raise ValueError(f"z_clean must be a [B, C_z, h, w] tensor, got {getattr(z_clean, 'shape', type(z_clean))}")
+        if tuple(z_clean.shape[1:]) != self.latent_shape:
+            raise ValueError(f"z_clean must have shape [B, {', '.join(map(str, self.latent_shape))}] (this model's "
+                             f"latents), got {tuple(z_clean.shape)}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(z_clean).all()):
+            raise ValueError("z_clean contains non-finite values (NaN or inf)")
+
+    def _clean_latents(self, x: torch.Tensor | None, z_clean: torch.Tensor | None) -> torch.Tensor:
+        """``z_clean``: ``E(x)``, or the given latents (checked); exactly one of the two must be given. Nothing
+        is drawn from a generator here, so the random draws that follow are the same either way."""
+        if (x is None) == (z_clean is None):
+            raise ValueError("give exactly one of x (images, encoded here) and z_clean (given clean latents)")
+        if z_clean is None:
+            return self.encode(x)
+        self.check_latents(z_clean)
+        return z_clean
+
     # ----------------------------------------------------------------------------- conditioning
     def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
                           pooled: torch.Tensor | None, generator: torch.Generator | None,
@@ -173,9 +194,10 @@ class UnifiedLatents(nn.Module):
         return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
                                   loss_factor=loss_factor, bias=bias)
 
-    def latent_nats(self, x: torch.Tensor, network: str = "prior", labels: torch.Tensor | None = None,
+    def latent_nats(self, x: torch.Tensor | None, network: str = "prior", labels: torch.Tensor | None = None,
                     context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, *, z_clean: torch.Tensor | None = None,
+                    ) -> torch.Tensor:
         """The latent's rate, per example in nats (fp32 ``[B]``): how many nats ``z_0`` of ``z_clean = E(x)``
         costs under the prior (``network="prior"``) or the base model (``"base"``).
 
@@ -186,16 +208,19 @@ class UnifiedLatents(nn.Module):
         dropped; none given = the null condition); in single-stage mode it is the rate of the latent the decoder
         receives at sampling (at ``λ_z(0)``, or truncated at ``single_stage_sample_logsnr``), comparable with a
         two-stage run's prior rate. bits/pixel = ``latent_nats / ln 2 / (H·W)``.
+
+        ``z_clean``: the frozen encoder's latents ``[B, C_z, h, w]`` given instead of ``x`` (a latent cache's),
+        for the same result without the encoder forward (``x=None``).
         """
         if network not in ("prior", "base"):
             raise ValueError(f"network must be 'prior' or 'base', got {network!r}")
         if network == "prior" and self.single_stage:
             raise ValueError("single-stage models have no separate prior: use network='base'")
         conditioning = {"labels": labels, "context": context, "pooled": pooled} if network == "base" else {}
+        z_clean = self._clean_latents(x, z_clean)
         max_logsnr = None
         if network == "base" and self.sample_logsnr < self.latent_logsnr_0:
-            max_logsnr = torch.full((x.shape[0],), self.sample_logsnr, device=x.device)
-        z_clean = self.encode(x)
+            max_logsnr = torch.full((z_clean.shape[0],), self.sample_logsnr, device=z_clean.device)
         kl = self._rate_kl(z_clean, network)
         return self._latent_rate(z_clean, kl, network, generator, max_logsnr, **conditioning)
 
@@ -291,17 +316,22 @@ class UnifiedLatents(nn.Module):
         }
 
     # ----------------------------------------------------------------------------- stage 2
-    def stage2_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    def stage2_loss(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None, *, z_clean: torch.Tensor | None = None,
                     ) -> dict[str, torch.Tensor]:
         """Stage-2 loss: the base model on frozen ``z_clean = E(x)``.
 
         Arguments as for :meth:`stage1_loss`; the conditioning given is dropped per example with
         probability ``label_dropout`` for classifier-free guidance. Weighting ``sigmoid(b_base − λ)`` (not
         the ELBO), on the latent schedule topped at ``λ_z(0)``. Returns scalars: ``loss``, ``base_loss``.
+
+        ``z_clean``: the frozen encoder's latents ``[B, C_z, h, w]`` given instead of ``x`` (``x=None``), e.g.
+        from a latent cache: no encoder forward. The generator's draws are the same, so given ``z_clean``
+        equal to ``E(x)`` the loss is bit for bit the one from ``x``.
         """
         with torch.no_grad():
-            z_clean = self.encode(x)
+            z_clean = self._clean_latents(x, z_clean)
         if any(t is not None for t in (labels, context, pooled)):
             labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
         loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, bias=self.config.base_bias,
@@ -309,15 +339,18 @@ class UnifiedLatents(nn.Module):
         return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
 
     # ----------------------------------------------------------------------------- training entry point
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None, generator: torch.Generator | None = None, stage: int = 1,
+    def forward(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, stage: int = 1, *, z_clean: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
         """:meth:`stage1_loss` or :meth:`stage2_loss` (``stage`` 1 or 2) with the same arguments; a forward
-        so that DDP and FSDP can wrap the model."""
+        so that DDP and FSDP can wrap the model. Stage 2 takes given latents as ``z_clean`` (with ``x=None``)."""
         if stage == 1:
+            if z_clean is not None:
+                raise ValueError("stage 1 trains the encoder: it takes images x, not given latents z_clean")
             return self.stage1_loss(x, labels, context, pooled, generator)
         if stage == 2:
-            return self.stage2_loss(x, labels, context, pooled, generator)
+            return self.stage2_loss(x, labels, context, pooled, generator, z_clean=z_clean)
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
     # ----------------------------------------------------------------------------- sampling

@@ -1,0 +1,293 @@
+"""The latent cache for stage 2: ``encode_dataset`` writes it, ``LatentCache`` reads it back, and the stage-2 loss
+from it is the loss with on-the-fly encoding.
+
+A run folder here is a fresh micro model saved as a checkpoint (nothing trained): the cache only needs the
+encoder's weights. Its EMA weights differ from its raw weights, so the tests see which ones were used.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ul_fast.config import save_config
+from ul_fast.data import load_dataset
+from ul_fast.data.latent_cache import (
+    MANIFEST,
+    PROGRESS,
+    LatentCache,
+    LatentCacheError,
+    check_cache_for_model,
+    encoder_sha256,
+)
+from ul_fast.model import UnifiedLatents
+from ul_fast.train import load_trained_model
+from ul_fast.train.checkpoint import save_checkpoint
+from ul_fast.train.encode import EncodeError, encode_dataset
+
+from micro import micro_config
+
+TRAIN, TEST = 24, 8
+ENCODE = {"batch_size": 8, "shard_size": 16, "progress": False}  # train: shards of 16 + 8 images
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``(run folder, data spec)``: a micro run on 24 training and 8 test images of the embedded Fashion-MNIST."""
+    folder = tmp_path_factory.mktemp("latent_cache")
+    arrays = {}
+    for split, count in (("train", TRAIN), ("test", TEST)):
+        data = load_dataset("fmnist-embedded", split, image_size=16)
+        arrays[f"{split}_images"] = ((data.images[:count, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+        arrays[f"{split}_labels"] = data.labels[:count].numpy()
+    np.savez(folder / "small.npz", **arrays)
+    spec = f"array:{folder / 'small.npz'}"
+    config = micro_config(data={"dataset": spec})
+    (folder / "run").mkdir()
+    save_config(config, folder / "run" / "config.yaml")
+    torch.manual_seed(1)
+    raw, ema = UnifiedLatents(config.model), UnifiedLatents(config.model)
+    save_checkpoint(folder / "run", 0, raw, ema, {})
+    return folder / "run", spec
+
+
+@pytest.fixture(scope="module")
+def caches(run, tmp_path_factory):
+    """An fp32 and a bf16 cache (both flipped) of the run's data."""
+    folder = tmp_path_factory.mktemp("caches")
+    for dtype in ("fp32", "bf16"):
+        encode_dataset(*run, folder / dtype, dtype=dtype, flip=True, **ENCODE)
+    return folder
+
+
+def trained(run) -> UnifiedLatents:
+    return load_trained_model(run[0])[1]
+
+
+def pixels(run, split="train") -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_dataset(run[1], split, image_size=16)
+    return data.images, data.labels
+
+
+# ----------------------------------------------------------------------------- the model from given latents
+def test_stage2_loss_from_the_fp32_cache_is_the_loss_from_pixels(run, caches):
+    """Same generator seed, same draws: bit for bit equal loss and base-model gradients (the batches are the
+    encode's own batches of 8, so the encoder sees the same batches in both)."""
+    model = trained(run)
+    model.train()
+    cache = LatentCache(caches / "fp32", expected_encoder_hash=encoder_sha256(model.encoder),
+                        expected_latent_shape=model.latent_shape)
+    images, labels = pixels(run)
+    for rows in (range(0, 8), range(16, 24)):
+        z_clean, cached_labels = cache.batch(rows)
+        assert torch.equal(cached_labels, labels[rows.start:rows.stop])
+        results = []
+        for inputs in ({"x": images[rows.start:rows.stop]}, {"x": None, "z_clean": z_clean}):
+            model.zero_grad(set_to_none=True)
+            out = model(labels=cached_labels, generator=torch.Generator().manual_seed(7), stage=2, **inputs)
+            out["loss"].backward()
+            results.append((out["loss"], [p.grad.clone() for p in model.base.parameters()]))
+        (from_pixels, pixel_grads), (from_cache, cache_grads) = results
+        assert torch.equal(from_pixels, from_cache) and from_pixels > 0
+        assert all(torch.equal(a, b) for a, b in zip(pixel_grads, cache_grads))
+        assert model.encoder.stem.weight.grad is None  # the frozen encoder got nothing either way
+
+
+def test_the_bf16_cache_is_the_fp32_cache_rounded_once(run, caches):
+    """bf16 rounds each latent to nearest: relative error ≤ 2⁻⁸ (8 significant bits), and the loss from the bf16
+    cache is exactly the loss from pixels with the encoder's output rounded to bf16. Measured on this batch the
+    loss moves by far less than 1 % (it is a sum of squared errors over the latent)."""
+    model = trained(run)
+    fp32, bf16 = LatentCache(caches / "fp32"), LatentCache(caches / "bf16")
+    z, z_bf16 = fp32.batch(range(len(fp32)))[0], bf16.batch(range(len(bf16)))[0]
+    assert torch.equal(z_bf16, z.to(torch.bfloat16).float())
+    assert ((z_bf16 - z).abs() <= 2.0**-8 * z.abs()).all()
+    images, labels = pixels(run)
+    with torch.no_grad():
+        rounded = model.encode(images[:8]).to(torch.bfloat16).float()
+
+    def loss(z_clean):
+        return model.stage2_loss(None, labels[:8], generator=torch.Generator().manual_seed(3), z_clean=z_clean)["loss"]
+
+    assert torch.equal(loss(z_bf16[:8]), loss(rounded))
+    assert abs(float(loss(z_bf16[:8]).detach() / loss(z[:8]).detach()) - 1) < 1e-2
+
+
+def test_latent_nats_from_given_latents(run):
+    model = trained(run)
+    images = pixels(run, "test")[0]
+    with torch.no_grad():
+        z = model.encode(images)
+        for network in ("prior", "base"):
+            from_pixels = model.latent_nats(images, network, generator=torch.Generator().manual_seed(5))
+            given = model.latent_nats(None, network, generator=torch.Generator().manual_seed(5), z_clean=z)
+            assert torch.equal(from_pixels, given)
+
+
+def test_given_latents_are_checked(run):
+    model = trained(run)
+    images = pixels(run, "test")[0][:2]
+    z = torch.zeros(2, *model.latent_shape)
+    with pytest.raises(ValueError, match="exactly one of x"):
+        model.stage2_loss(images, z_clean=z)
+    with pytest.raises(ValueError, match="exactly one of x"):
+        model(None, stage=2)
+    with pytest.raises(ValueError, match=r"z_clean must have shape \[B, 4, 4, 4\]"):
+        model.stage2_loss(None, z_clean=torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.stage2_loss(None, z_clean=torch.full_like(z, float("nan")))
+    with pytest.raises(ValueError, match="stage 1 trains the encoder"):
+        model(images, stage=1, z_clean=z)
+
+
+# ----------------------------------------------------------------------------- what the cache holds
+def test_the_manifest_names_the_run_and_its_ema_encoder(run, caches):
+    manifest = json.loads((caches / "bf16" / MANIFEST).read_text())
+    model = trained(run)  # the EMA weights
+    raw = load_file(next((run[0] / "checkpoints").glob("step_*")) / "model.safetensors")
+    assert manifest["encoder_sha256"] == encoder_sha256(model.encoder) != encoder_sha256(raw, prefix="encoder.")
+    assert manifest["run"] == str(run[0].resolve()) and manifest["data"] == run[1]
+    assert manifest["latent_shape"] == [4, 4, 4] and manifest["dtype"] == "bf16" and manifest["flip"]
+    assert {s: e["count"] for s, e in manifest["splits"].items()} == {"train": TRAIN, "test": TEST}
+    assert [len(e["shards"]) for e in manifest["splits"].values()] == [2, 1]
+    assert not (caches / "bf16" / PROGRESS).exists()
+
+
+def test_flip_doubles_the_train_items_with_the_flipped_images_latents(run, caches):
+    model = trained(run)
+    train, test = LatentCache(caches / "fp32"), LatentCache(caches / "fp32", split="test")
+    assert (len(train), len(test)) == (2 * TRAIN, TEST) and train.flipped and not test.flipped
+    images, labels = pixels(run)
+    with torch.no_grad():
+        flipped = model.encode(images[16:24].flip(-1))
+    z, cached_labels = train.batch(range(TRAIN + 16, TRAIN + 24))
+    assert torch.equal(z, flipped) and torch.equal(cached_labels, labels[16:24])
+    item, label = train[TRAIN + 17]
+    assert torch.equal(item, flipped[1]) and label == int(labels[17]) and item.dtype == torch.float32
+    item += 1  # a copy, not a view of the read-only memory map
+    assert torch.equal(train[TRAIN + 17][0], flipped[1]) and torch.equal(train[-7][0], flipped[1])
+    with pytest.raises(IndexError, match="out of range"):
+        train[2 * TRAIN]
+
+
+def test_the_cache_pickles_for_dataloader_workers(caches):
+    cache = LatentCache(caches / "bf16")
+    cache.batch([0, 30])  # maps two shards in this process
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy._mapped == {} and torch.equal(copy.batch([3, 40])[0], cache.batch([3, 40])[0])
+
+
+# ----------------------------------------------------------------------------- mismatches and damage
+def test_a_cache_from_other_weights_or_of_another_shape_is_refused(run, caches):
+    manifest = caches / "bf16" / MANIFEST
+    recorded = json.loads(manifest.read_text())["encoder_sha256"]
+    other = UnifiedLatents(trained(run).config)  # fresh weights: another encoder
+    other_hash = encoder_sha256(other.encoder)
+    cache = LatentCache(caches / "bf16")
+    for check in (lambda: LatentCache(caches / "bf16", expected_encoder_hash=other_hash),
+                  lambda: check_cache_for_model(cache, other),
+                  lambda: check_cache_for_model(cache, trained(run), weights=other.state_dict())):
+        with pytest.raises(LatentCacheError) as error:
+            check()
+        assert str(manifest) in str(error.value) and recorded in str(error.value) and other_hash in str(error.value)
+    check_cache_for_model(cache, trained(run))  # its own run passes
+    shape_error = rf"{re.escape(str(manifest))} holds latents of shape \[4, 4, 4\], the model expects \[8, 4, 4\]"
+    with pytest.raises(LatentCacheError, match=shape_error):
+        LatentCache(caches / "bf16", expected_latent_shape=(8, 4, 4))
+
+
+def test_damaged_shards_are_errors_naming_the_file(caches, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(caches / "bf16", cache)
+    latents = cache / "train-00001.latents.npy"
+    original = latents.read_bytes()
+
+    # same bytes, another shape: the header says so
+    np.save(latents, np.load(latents).reshape(8, 4, 2, 8))
+    assert latents.stat().st_size == len(original)
+    name = re.escape(str(latents))
+    with pytest.raises(LatentCacheError, match=rf"{name} holds uint16 \[8, 4, 2, 8\], .* says uint16 \[8, 4, 4, 4\]"):
+        LatentCache(cache)
+    # a flipped byte: found by the SHA-256 check only
+    damaged = bytearray(original)
+    damaged[-1] ^= 0xFF
+    latents.write_bytes(bytes(damaged))
+    LatentCache(cache)
+    with pytest.raises(LatentCacheError, match=rf"{name} fails its SHA-256 check"):
+        LatentCache(cache, verify_hashes=True)
+    # truncated, missing
+    latents.write_bytes(original[:-16])
+    with pytest.raises(LatentCacheError, match=rf"{name} has {len(original) - 16} bytes"):
+        LatentCache(cache)
+    latents.unlink()
+    with pytest.raises(LatentCacheError, match=rf"{name} is missing"):
+        LatentCache(cache)
+    LatentCache(cache, split="test")  # the other split is intact
+    (cache / MANIFEST).unlink()
+    with pytest.raises(LatentCacheError, match=rf"{re.escape(str(cache / MANIFEST))} does not exist"):
+        LatentCache(cache)
+
+
+# ----------------------------------------------------------------------------- interrupted and repeated encodes
+def test_an_interrupted_encode_never_looks_complete_and_resumes(run, caches, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    encode = UnifiedLatents.encode
+    calls, fail_at = [], [5]  # shard 0 takes 4 calls (2 batches, each also flipped): die inside shard 1
+
+    def failing_encode(self, x):
+        calls.append(len(x))
+        if len(calls) in fail_at:
+            fail_at.clear()
+            raise RuntimeError("killed")
+        return encode(self, x)
+
+    monkeypatch.setattr(UnifiedLatents, "encode", failing_encode)
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_dataset(*run, out, dtype="bf16", flip=True, **ENCODE)
+    assert not (out / MANIFEST).exists() and not list(out.glob(".*.tmp"))
+    assert sorted(p.name for p in out.glob("*.npy")) == [f"train-00000.{k}.npy" for k in ("flipped", "labels",
+                                                                                         "latents")]
+    with pytest.raises(LatentCacheError, match="its encode did not finish"):
+        LatentCache(out)
+    # other settings cannot resume it
+    folder = re.escape(str(out))
+    with pytest.raises(EncodeError, match=rf"{folder} holds an unfinished encode with other settings .* in dtype"):
+        encode_dataset(*run, out, dtype="fp16", flip=True, **ENCODE)
+    # the same encode resumes after shard 0 (a temporary file of a killed write is removed)
+    (out / ".train-00001.latents.npy.tmp").write_bytes(b"half")
+    calls.clear()
+    encode_dataset(*run, out, dtype="bf16", flip=True, **ENCODE)
+    assert calls == [8, 8, 8]  # shard 1, flipped; test; and the manifest matches an uninterrupted encode's
+    assert (out / MANIFEST).read_bytes() == (caches / "bf16" / MANIFEST).read_bytes()
+    assert not list(out.glob(".*"))
+    # a finished cache is not overwritten unless asked
+    with pytest.raises(EncodeError, match=rf"{folder} already holds a latent cache"):
+        encode_dataset(*run, out, **ENCODE)
+    encode_dataset(*run, out, dtype="fp16", overwrite=True, **ENCODE)
+    assert LatentCache(out).dtype == "fp16" and len(LatentCache(out)) == TRAIN
+    assert not list(out.glob("*.flipped.npy"))  # the replaced cache's files are gone
+
+
+def test_a_streamed_folder_encodes_as_the_same_folder_in_memory(run, tmp_path):
+    """``folder-stream:`` (decoded image by image, center-cropped) gives the latents of ``folder:`` (in memory)."""
+    images = (pixels(run)[0][:6, 0] + 1) * 127.5
+    for i, image in enumerate(images.round().to(torch.uint8).numpy()):
+        (tmp_path / "data" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(tmp_path / "data" / f"class{i % 2}" / f"{i}.png")
+    hashes = []
+    for kind in ("folder-stream", "folder"):
+        manifest = encode_dataset(run[0], f"{kind}:{tmp_path / 'data'}", tmp_path / kind, dtype="fp32",
+                                  splits=("train",), batch_size=4, progress=False)
+        record = json.loads(manifest.read_text())
+        assert record["class_names"] == ["class0", "class1"] and record["splits"]["train"]["count"] == 6
+        hashes.append([f["sha256"] for f in record["splits"]["train"]["shards"][0]["files"].values()])
+    assert hashes[0] == hashes[1]
+    assert LatentCache(tmp_path / "folder-stream").batch(range(6))[1].tolist() == [0, 0, 0, 1, 1, 1]
