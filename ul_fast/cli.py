@@ -1,4 +1,4 @@
-"""``ul-fast`` command line: train, sample, eval, distill, plot, info.
+"""``ul-fast`` command line: train, sample, eval, distill, prepare-shards, encode, plot, info.
 
 A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
 and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
@@ -178,6 +178,27 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"distilled decoder ({args.from_steps} → {args.to_steps} steps) written to {out}")
 
 
+def _prepare_shards(args: argparse.Namespace) -> None:
+    from ul_fast.data.shard_writer import prepare_shards
+
+    out = prepare_shards(args.data, args.out, image_size=args.image_size, channels=args.channels,
+                         image_format=args.format, quality=args.quality, max_count=args.shard_size,
+                         on_bad_image=args.on_bad_image, progress=not args.no_progress)
+    print(f"shards written to {out}; train on them with --set data.dataset=shards:{out}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from ul_fast.config import load_config
+    from ul_fast.train.encode import encode_dataset
+
+    data = args.data or load_config(str(Path(args.run) / "config.yaml")).data.dataset
+    manifest = encode_dataset(args.run, data, args.out, dtype=args.dtype, flip=args.flip, batch_size=args.batch,
+                              device=args.device, shard_size=args.shard_size, num_workers=args.workers,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"latent cache written to {manifest.parent}; train stage 2 on it with --set data.dataset=latents:"
+          f"{manifest.parent} --set train.init_from={args.run} --set train.stage1_steps=0")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from ul_fast.eval.plot import plot_run
 
@@ -203,14 +224,23 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(low: int, text: str) -> int:
+    kind = "a positive integer" if low == 1 else f"an integer >= {low}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(0, text)
 
 
 def _non_negative_float(text: str) -> float:
@@ -351,6 +381,52 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue the distillation in --out from its newest checkpoint (same options)")
     distill.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     distill.set_defaults(func=_distill)
+
+    shards = sub.add_parser(
+        "prepare-shards", parents=[common], help="write a data set as WebDataset tar shards (data.dataset shards:DIR)",
+        description="Write any data set ul-fast reads (--data, a data.dataset spec) as tar shards in the WebDataset "
+                    "layout (<key>.png|jpg, <key>.cls, classes.json, shards.json), train and test splits in "
+                    "OUT/train and OUT/test when the data has both. PNG/JPEG files are copied as stored unless "
+                    "--image-size asks for a resize. Written into OUT.partial and renamed when complete.")
+    shards.add_argument("--data", required=True, metavar="SPEC",
+                        help="a data.dataset spec: fmnist[:DIR], fmnist-embedded, folder:DIR, folder-stream:DIR, "
+                             "array:FILE, shards:DIR")
+    shards.add_argument("--out", required=True, help="folder to create (refused if it exists and is not empty)")
+    shards.add_argument("--format", choices=("png", "jpg"), default="png",
+                        help="encoding of images that are re-encoded (default png, lossless)")
+    shards.add_argument("--quality", type=_positive_int, default=95, help="JPEG quality (default 95)")
+    shards.add_argument("--shard-size", type=_positive_int, default=10_000, metavar="N",
+                        help="examples per shard (default 10000)")
+    shards.add_argument("--image-size", type=_positive_int, metavar="S",
+                        help="center-crop and resize every image to S×S (default: keep the stored images)")
+    shards.add_argument("--channels", type=int, choices=(1, 3),
+                        help="1 (grayscale) or 3 (RGB) (default: the data's own)")
+    shards.add_argument("--on-bad-image", choices=("skip", "fail"), default="skip",
+                        help="an undecodable image: skip it with a counted warning (default), or stop")
+    shards.add_argument("--no-progress", action="store_true", help="no progress bars")
+    shards.set_defaults(func=_prepare_shards)
+
+    encode = sub.add_parser(
+        "encode", parents=[common, running], help="write a latent cache of a data set with a run's frozen encoder",
+        description="Encode every image of a data set (train and test splits) with a run's EMA encoder, z_clean = "
+                    "E(x) with no noise, into a latent cache: shards of .npy arrays with labels and a manifest that "
+                    "names the run and the encoder weights' hash. Stage 2 then trains from it (data.dataset "
+                    "latents:DIR) with no pixel decoding and no encoder forward per step. An interrupted encode "
+                    "resumes when run again with the same options.")
+    encode.add_argument("--run", required=True, help="run folder whose stage 1 is trained")
+    encode.add_argument("--out", required=True, help="folder of the cache")
+    encode.add_argument("--data", metavar="SPEC", help="data.dataset spec to encode (default: the run's own)")
+    encode.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="storage of the latents (default bf16: relative rounding error at most 2^-8)")
+    encode.add_argument("--flip", action="store_true",
+                        help="also encode the horizontally flipped train images (extra items of the cache)")
+    encode.add_argument("--batch", type=_positive_int, default=256, help="images per encoder forward (default 256)")
+    encode.add_argument("--shard-size", type=_positive_int, default=4096, metavar="N",
+                        help="latents per shard file (default 4096)")
+    encode.add_argument("--workers", type=_non_negative_int, default=0, metavar="W",
+                        help="DataLoader workers decoding a streamed data set (default 0: in this process)")
+    encode.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    encode.set_defaults(func=_encode)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
                           description="Draw a run's training curves from its metrics.jsonl (needs ul-fast[plot]).")
