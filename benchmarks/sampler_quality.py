@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ul_fast.data import Conditioning, load_dataset
+from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, Conditioning, load_images
 from ul_fast.eval import feature_statistics, frechet_distance, psnr
 from ul_fast.eval.evaluate import check_features, in_batches, load_feature_network
 from ul_fast.sampling import EVALUATIONS_PER_STEP, SAMPLERS
@@ -46,8 +46,8 @@ def main() -> None:
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)
     features_net = load_feature_network(args.features, torch.device("cpu"))
-    test = load_dataset(config.data.dataset, "test", m.image_size, m.image_channels)
-    train = load_dataset(config.data.dataset, "train", m.image_size, m.image_channels)
+    test, train = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
+                               stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("test", "train"))
     originals = test.images[:args.samples]
 
     def embed(images: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_help_describes_every_option_of_every_command():
     parser = cli.build_parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"train", "sample", "eval", "distill", "plot", "info"}
+    assert set(commands) == {"train", "sample", "eval", "distill", "prepare-shards", "encode", "plot", "info"}
     for name, command in [("ul-fast", parser), *commands.items()]:
         assert command.description, name
         for action in command._actions:
@@ -144,3 +144,26 @@ def test_help_describes_every_option_of_every_command():
     config_help = next(a.help for a in commands["train"]._actions if "--config" in a.option_strings)
     assert all(preset in config_help for preset in preset_names())
     assert "extends" in config_help
+
+
+def test_prepare_shards_then_encode_then_stage2_from_the_cache(runs, tmp_path, capsys):
+    """The large-data path of the README on a micro run: images → shards → latent cache of the stage-1 run's
+    encoder → stage 2 trained from the cache; a cache of another run's encoder is refused, naming the manifest."""
+    from ul_fast.data import load_dataset
+
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    cli.main(["prepare-shards", "--data", "fmnist-embedded", "--out", str(shards), "--image-size", "16",
+              "--shard-size", "2000", "--no-progress"])
+    assert len(load_dataset(f"shards:{shards}", "test")) == 1000
+    cli.main(["encode", "--run", str(runs / "stage1"), "--data", f"shards:{shards}", "--out", str(cache),
+              "--device", "cpu", "--no-progress"])
+    assert f"latents:{cache}" in capsys.readouterr().out
+    stage2 = ["--set", f"data.dataset=latents:{cache}", "--set", "train.stage1_steps=0", "--set",
+              "train.stage2_steps=1", "--set", "train.eval_every=1000", "--set", "train.checkpoint_every=1000"]
+    micro = tmp_path / "micro.yaml"
+    micro.write_text(__import__("yaml").safe_dump(micro_config().to_dict()))
+    cli.main(["train", "--config", str(micro), "--out", str(tmp_path / "base"), "--set",
+              f"train.init_from={runs / 'stage1'}", *stage2, "--no-progress"])
+    assert (tmp_path / "base" / "checkpoints").is_dir()
+    one_line_error(capsys, ["train", "--config", str(micro), "--out", str(tmp_path / "other"), "--set",
+                             f"train.init_from={runs / 'refined'}", *stage2], "manifest.json", "other encoder weights")

@@ -291,3 +291,49 @@ def test_a_streamed_folder_encodes_as_the_same_folder_in_memory(run, tmp_path):
         hashes.append([f["sha256"] for f in record["splits"]["train"]["shards"][0]["files"].values()])
     assert hashes[0] == hashes[1]
     assert LatentCache(tmp_path / "folder-stream").batch(range(6))[1].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# ----------------------------------------------------------------------------- the trainer from a cache
+def stage2_records(config, folder) -> list[dict]:
+    from ul_fast.train import Trainer
+
+    Trainer(config, folder).fit()
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "loss", "grad_norm", "bits_per_pixel") if k in r} for r in records
+            if "loss" in r]
+
+
+def test_stage2_trains_from_the_cache_as_from_pixels(run, tmp_path):
+    """The trainer's stage 2 from an fp32 cache (data.dataset latents:DIR) logs the same losses, gradient norms and
+    frozen bits/pixel, step for step, and ends with the same base-model weights as stage 2 from the pixels."""
+    encode_dataset(*run, tmp_path / "cache", dtype="fp32", **ENCODE)
+    stage2 = {"init_from": str(run[0]), "stage1_steps": 0, "stage2_steps": 3, "eval_every": 3, "log_every": 1}
+    from_pixels = stage2_records(micro_config(data={"dataset": run[1]}, train=stage2), tmp_path / "pixels")
+    from_cache = stage2_records(micro_config(data={"dataset": f"latents:{tmp_path / 'cache'}"}, train=stage2),
+                                tmp_path / "latents")
+    assert len(from_cache) == 3 and from_cache == from_pixels
+    weights = [load_file(tmp_path / name / "checkpoints" / "step_00000003" / "ema.safetensors")
+               for name in ("pixels", "latents")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if k.startswith("base."))
+
+
+def test_a_cache_run_must_skip_stage1_and_name_its_encoder_run(run, tmp_path):
+    from ul_fast.config import ConfigError
+    from ul_fast.train import Trainer
+
+    encode_dataset(*run, tmp_path / "cache", dtype="fp32", **ENCODE)
+    spec = {"dataset": f"latents:{tmp_path / 'cache'}"}
+    with pytest.raises(ConfigError, match="train.stage1_steps: 0 and train.init_from"):
+        Trainer(micro_config(data=spec), tmp_path / "a")
+    with pytest.raises(ConfigError, match="data.flip"):
+        Trainer(micro_config(data={**spec, "flip": True}, train={"init_from": str(run[0]), "stage1_steps": 0}),
+                tmp_path / "b")
+
+
+def test_a_cache_spec_loads_the_images_it_was_encoded_from(run, caches):
+    """Evaluation and distillation of a run trained from a cache need pixels: load_images follows the manifest."""
+    from ul_fast.data import load_images
+
+    for split in ("train", "test"):
+        images = load_images(f"latents:{caches / 'fp32'}", split, 16, 1)
+        assert torch.equal(images.images, pixels(run, split)[0])

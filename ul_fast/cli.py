@@ -130,7 +130,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ul_fast.data import load_dataset
+    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
     from ul_fast.devices import resolve_device
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table, write_json
     from ul_fast.train import load_trained_model
@@ -141,8 +141,8 @@ def _eval(args: argparse.Namespace) -> None:
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
-    train_data = load_dataset(config.data.dataset, "train", m.image_size, m.image_channels)
-    test_data = load_dataset(config.data.dataset, "test", m.image_size, m.image_channels)
+    train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
+                                         stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
     result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
                             spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                             latent_steps=args.latent_steps or s.latent_steps,

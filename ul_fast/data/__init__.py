@@ -34,7 +34,15 @@ from .latent_cache import LatentCache
 from .lazy_folder import LazyImageFolder
 from .loader import BadImageWarning, StreamingBatches, load_examples
 from .shards import ShardSource
-from .spec import DATASET_SPECS, STREAMING_KINDS, is_streaming, load_dataset, spec_kind
+from .spec import (
+    DATASET_SPECS,
+    STREAMED_IMAGES_IN_MEMORY,
+    STREAMING_KINDS,
+    is_streaming,
+    load_dataset,
+    load_images,
+    spec_kind,
+)
 from .stream import BatchStream
 
 __all__ = [
@@ -44,6 +52,7 @@ __all__ = [
     "CAPTION_TEMPLATES",
     "Conditioning",
     "DATASET_SPECS",
+    "STREAMED_IMAGES_IN_MEMORY",
     "DEBIAN_FASHION_MNIST_ROOT",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_NOUNS",
@@ -67,6 +76,7 @@ __all__ = [
     "list_image_folder",
     "load_array",
     "load_dataset",
+    "load_images",
     "load_embedded_fashion_mnist",
     "load_examples",
     "load_fashion_mnist_idx",

@@ -149,6 +149,7 @@ class LatentCache(Dataset):
         self.labeled: bool = entry["labeled"]
         self.flipped: bool = entry["flipped"]
         self.source = f"latent cache {self.root} ({split})"
+        self.image_spec: str = self.manifest["data"]  # the data spec the latents were encoded from
         self._shards: list[dict[str, Any]] = entry["shards"]
         self._starts = [0, *itertools.accumulate(s["count"] for s in self._shards)]  # first item of each shard
         self.images = self._starts[-1]  # distinct images; items are twice as many when flipped

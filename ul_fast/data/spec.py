@@ -25,19 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from .arrays import load_array
+from .augment import ImageTransform
 from .dataset import ImageArrayDataset
 from .fashion_mnist import DEBIAN_FASHION_MNIST_ROOT, load_embedded_fashion_mnist, load_fashion_mnist_idx
 from .folder import load_image_folder
 from .latent_cache import LatentCache
 from .lazy_folder import LazyImageFolder
+from .loader import load_examples
 from .shards import ShardSource
 
-__all__ = ["DATASET_SPECS", "STREAMING_KINDS", "is_streaming", "load_dataset", "spec_kind"]
+__all__ = ["DATASET_SPECS", "STREAMED_IMAGES_IN_MEMORY", "STREAMING_KINDS", "is_streaming", "load_dataset",
+           "load_images", "spec_kind"]
 
 DATASET_SPECS = ("fmnist-embedded", "fmnist[:<dir>]", "folder:<dir>", "array:<file.npy|file.npz>",
                  "folder-stream:<dir>", "shards:<dir>", "latents:<dir>")
 STREAMING_KINDS = ("folder-stream", "shards", "latents")
 """Spec kinds read from disk while training, never whole into memory."""
+STREAMED_IMAGES_IN_MEMORY = 50_000
+"""Images of a streamed split that evaluation and distillation decode into memory (the first ones): FID's
+customary 50k reference set. In-memory specs are used whole."""
 
 
 def spec_kind(spec: str) -> str:
@@ -91,3 +97,23 @@ def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size
     if kind == "latents" and arg:
         return LatentCache(arg, split=split)  # the run checks its encoder hash and latent shape
     raise ValueError(f"load_dataset: unknown data spec {spec!r}; accepted forms: {', '.join(DATASET_SPECS)}")
+
+
+def load_images(spec: str, split: str, image_size: int, channels: int | None = None, *,
+                stream_limit: int | None = None, cache_dir: str | Path | None = None,
+                on_bad_image: str = "skip") -> ImageArrayDataset:
+    """The images of a split in memory, whatever the spec: what evaluation, distillation and the trainer's
+    held-out set need.
+
+    In-memory specs load as :func:`load_dataset` does. A streamed image source (``folder-stream:``, ``shards:``)
+    decodes its first ``stream_limit`` examples (all when None), center-cropped and resized to ``image_size``.
+    A latent cache (``latents:``) holds no pixels: its manifest names the image spec it was encoded from, which
+    is loaded instead.
+    """
+    if spec_kind(spec) == "latents":
+        spec = LatentCache(spec.partition(":")[2], split=split).image_spec
+    data = load_dataset(spec, split, image_size, channels, cache_dir=cache_dir)
+    if isinstance(data, ImageArrayDataset):
+        return data
+    count = len(data) if stream_limit is None else min(stream_limit, len(data))
+    return load_examples(data, ImageTransform(image_size, data.channels), count, on_bad_image)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ul_fast import ops
 from ul_fast.config import load_config, save_config
-from ul_fast.data import load_dataset
+from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
 from ul_fast.diffusion import coefficients
 from ul_fast.model import UnifiedLatents
 from ul_fast.sampling import logsnr_grid
@@ -198,7 +198,8 @@ class Distiller:
         self.model.load_state_dict(self.ema_weights)
         self.model.to(self.device).eval().requires_grad_(False)
         m = self.config.model
-        self.data = load_dataset(self.config.data.dataset, "train", m.image_size, m.image_channels)
+        self.data = load_images(self.config.data.dataset, "train", m.image_size, m.image_channels,
+                                stream_limit=STREAMED_IMAGES_IN_MEMORY)
 
     # ------------------------------------------------------------------ state
     def _start(self) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ul_fast.config import Config, ConfigError
-from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, is_streaming
+from ul_fast.config import TWO_STAGE, Config, ConfigError
+from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind
 from ul_fast.model import UnifiedLatents
 
 __all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "parameter_count"]
@@ -47,11 +47,13 @@ def parameter_count(config: Config) -> int:
 
 
 def _labels(data: ImageArrayDataset | Any) -> tuple[bool, int, int]:
-    """``(labelled, largest label, number of classes)`` of in-memory data or of a streaming source (labelled
-    when it names its classes; its labels are then below their count)."""
+    """``(labelled, largest label, number of classes)`` of in-memory data, of a latent cache (from its manifest)
+    or of a streaming image source (labelled when it names its classes; its labels are then below their count)."""
     if isinstance(data, ImageArrayDataset):
         labelled = data.labels is not None
         return labelled, int(data.labels.max()) if labelled else -1, data.num_classes
+    if isinstance(data, LatentCache):
+        return data.labeled, data.max_label, data.num_classes
     names = data.class_names
     return names is not None, len(names or []) - 1, len(names or [])
 
@@ -85,8 +87,25 @@ def _check_labels(config: Config, data: ImageArrayDataset | Any, split: str) -> 
                           f"fmnist-embedded or fmnist), or set model.context_dim: null")
 
 
+def check_latent_training(config: Config) -> None:
+    """A latent cache (``data.dataset: latents:DIR``) holds stage 2's inputs only: the run must skip stage 1 and
+    start from the stage-1 run whose encoder wrote the cache."""
+    t = config.train
+    where = f"data.dataset {config.data.dataset!r} is a latent cache (stage 2 only)"
+    if t.stage1_steps != 0 or not t.init_from:
+        raise ConfigError(f"{where}: set train.stage1_steps: 0 and train.init_from: RUN, the stage-1 run whose "
+                          f"encoder wrote the cache (got stage1_steps {t.stage1_steps}, init_from {t.init_from!r})")
+    if t.stage2_steps < 1:
+        raise ConfigError(f"{where}: set train.stage2_steps > 0 (got {t.stage2_steps})")
+    if config.model.mode != TWO_STAGE:
+        raise ConfigError(f"{where}: model.mode must be two_stage (got {config.model.mode!r})")
+
+
 def _check_augmentation(config: Config) -> None:
     d = config.data
+    if spec_kind(d.dataset) == "latents" and (d.crop != "center" or d.flip):
+        raise ConfigError(f"data.crop {d.crop!r} / data.flip {d.flip} do not apply to a latent cache "
+                          f"({d.dataset!r}): flipped latents are encoded ahead (ul-fast encode --flip)")
     if not is_streaming(d.dataset) and (d.crop != "center" or d.flip):
         raise ConfigError(f"data.crop {d.crop!r} / data.flip {d.flip} augment streamed images, but data.dataset "
                           f"{d.dataset!r} is loaded into memory already cropped and resized: use data.crop: "

@@ -21,6 +21,8 @@ CHANGEABLE_ON_RESUME = (
     "train.device",  # the same computation on another machine (torchrun sets it per rank)
     "sample.",
     "model.single_stage_sample_logsnr",  # where single-stage sampling stops: read only when sampling
+    # how streamed batches are decoded, not which: order and augmentation follow from (seed, epoch, index)
+    "data.num_workers", "data.prefetch_factor", "data.on_bad_image",
 )
 
 
@@ -51,5 +53,6 @@ def check_resume_changes(changes: dict[str, dict[str, Any]], stage: int = 1) -> 
     if refused:
         raise ConfigError(f"these keys cannot change on --resume: {', '.join(refused)} (allowed: schedule "
                           "lengths, logging/eval/checkpoint cadence, train.lr/base_lr/warmup_steps/grad_clip/"
-                          "weight_decay/max_bad_steps, sample.*, model.single_stage_sample_logsnr); start a new run "
+                          "weight_decay/max_bad_steps, sample.*, model.single_stage_sample_logsnr, data.num_workers/"
+                          "prefetch_factor/on_bad_image); start a new run "
                           "for the others")

@@ -23,17 +23,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ul_fast.config import Config, ConfigError, config_from_dict, save_config
+from ul_fast.config import Config, config_from_dict, save_config
 from ul_fast.data import (
     BatchStream,
     Conditioning,
     ImageArrayDataset,
     ImageTransform,
+    LatentCache,
     StreamingBatches,
     load_dataset,
-    load_examples,
+    load_images,
     spec_kind,
 )
+from ul_fast.data.latent_cache import check_cache_for_model, encoder_sha256
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
@@ -55,7 +57,7 @@ from ul_fast.train.parallel import (
     load_weights,
     shard_networks,
 )
-from ul_fast.train.preflight import check_device, check_run_inputs
+from ul_fast.train.preflight import check_device, check_latent_training, check_run_inputs
 from ul_fast.train.resume_policy import check_resume_changes, config_changes
 from ul_fast.train.run_folder import RunFolderError, RunLock, check_new_run, clear_run
 
@@ -124,6 +126,10 @@ class Trainer:
             _, weights = newest_readable_checkpoint(
                 t.init_from, lambda folder: read_weights(self.model, folder / "ema.safetensors"))
             self.model.load_state_dict(weights)
+        # Stage 2 from a latent cache (data.dataset latents:DIR): the latents must come from this encoder; its
+        # hash is taken here, from full weights, before FSDP shards them.
+        self.from_latents = spec_kind(config.data.dataset) == "latents"
+        encoder_hash = encoder_sha256(self.model.encoder) if self.from_latents else None
         self.ema_model = make_ema_model(self.model)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         # FSDP2: model and EMA sharded alike, so EMA updates are shard-local; evaluation then runs on
@@ -137,6 +143,9 @@ class Trainer:
                 if network is not None:
                     network.compile()
         self.train_data, self.test_data = self._load_data()
+        if self.from_latents:
+            for cache in (self.train_data, self.test_data):
+                cache.check(encoder_hash, self.model.latent_shape)
         check_run_inputs(config, self.train_data, self.test_data)
         self.stream = self._batch_stream()
         # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
@@ -151,23 +160,23 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, enabled=self.is_main)
         self._stop_signal: int | None = None
         self._new_optimizer()
-        eval_count = min(t.eval_images, len(self.test_data))
-        self.eval_images = self.test_data.images[:eval_count].to(self.device)
+        # Reconstructions need pixels: none in a latent cache (stage 2 from latents never reconstructs).
+        self.eval_images = None if self.from_latents else \
+            self.test_data.images[:min(t.eval_images, len(self.test_data))].to(self.device)
 
     # ----------------------------------------------------------------------------- data
-    def _load_data(self) -> tuple[ImageArrayDataset | Any, ImageArrayDataset]:
-        """``(train, test)``: in memory, or for a streaming spec the training source and, in memory, its first
-        :data:`HELDOUT_IMAGES` test images (center crop, no flip) for evaluation."""
+    def _load_data(self) -> tuple[ImageArrayDataset | Any, ImageArrayDataset | LatentCache]:
+        """``(train, test)``: in memory; or for a streaming image spec the training source and, in memory, its
+        first :data:`HELDOUT_IMAGES` test images (center crop, no flip) for evaluation; or both splits of a
+        latent cache (stage 2 only)."""
         d, m = self.config.data, self.config.model
-        if spec_kind(d.dataset) == "latents":
-            raise ConfigError(f"data.dataset {d.dataset!r}: training from a latent cache is not wired into the "
-                              f"trainer; use an image spec")
+        if self.from_latents:
+            check_latent_training(self.config)
+            return tuple(load_dataset(d.dataset, split) for split in ("train", "test"))
         cache_dir = self.run_dir / DATA_CACHE  # where a read-only image folder's file index is kept
-        train, test = (load_dataset(d.dataset, split, m.image_size, m.image_channels, cache_dir=cache_dir)
-                       for split in ("train", "test"))
-        if not isinstance(test, ImageArrayDataset):
-            test = load_examples(test, ImageTransform(m.image_size, m.image_channels),
-                                 min(HELDOUT_IMAGES, len(test)), d.on_bad_image)
+        train = load_dataset(d.dataset, "train", m.image_size, m.image_channels, cache_dir=cache_dir)
+        test = load_images(d.dataset, "test", m.image_size, m.image_channels, stream_limit=HELDOUT_IMAGES,
+                           cache_dir=cache_dir, on_bad_image=d.on_bad_image)
         return train, test
 
     def _batch_stream(self) -> BatchStream | StreamingBatches:
@@ -175,7 +184,7 @@ class Trainer:
         d, m, t = self.config.data, self.config.model, self.config.train
         if isinstance(self.train_data, ImageArrayDataset):
             return BatchStream(self.train_data, t.batch_size, t.seed, self.rank, self.world_size)
-        transform = ImageTransform(m.image_size, m.image_channels, d.crop, d.flip)
+        transform = None if self.from_latents else ImageTransform(m.image_size, m.image_channels, d.crop, d.flip)
         return StreamingBatches(self.train_data, transform, t.batch_size, t.seed, self.rank, self.world_size,
                                 num_workers=d.num_workers, prefetch_factor=d.prefetch_factor, device=self.device,
                                 on_bad_image=d.on_bad_image)
@@ -281,6 +290,8 @@ class Trainer:
                                   f"same number (got {self.world_size}) to continue exactly")
         changes = config_changes(config_from_dict(state["config"]).to_dict(), self.config.to_dict())
         check_resume_changes(changes, state["stage"])
+        if self.from_latents:  # the checkpoint's (frozen) encoder must be the cache's
+            check_cache_for_model(self.train_data, self.model, weights=weights)
         load_weights(self.model, weights, self.sharded)
         load_weights(self.ema_model, ema_weights, self.sharded)
         self.stage = state["stage"]
@@ -322,11 +333,14 @@ class Trainer:
         os.replace(temporary, self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------- one step
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _loss(self, batch: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stage's losses of a batch: images, or clean latents ``z_clean`` from a latent cache."""
         model = self.ddp_model if self.ddp_model is not None else self.model
         with self._autocast():
             conditioning = self.conditioning.for_batch(labels) if self.uses_base else {}
-            return model(images, generator=self.generator, stage=self.stage, **conditioning)
+            if self.from_latents:
+                return model(None, generator=self.generator, stage=self.stage, z_clean=batch, **conditioning)
+            return model(batch, generator=self.generator, stage=self.stage, **conditioning)
 
     def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients in backward; with gradient accumulation only the last micro-step's
@@ -380,18 +394,31 @@ class Trainer:
         so both modes report the same quantity."""
         model, s = self.ema_model, self.config.sample
         generator = torch.Generator(self.device).manual_seed(1234)
-        network = "base" if model.single_stage else "prior"
+        pixels = self.config.model.image_size ** 2
         with self._autocast():
-            nats = torch.cat([model.latent_nats(self.test_data.images[i:i + 256].to(self.device), network,
-                                                generator=generator)
-                              for i in range(0, min(len(self.test_data), 1024), 256)])
+            nats = self._heldout_nats(model, generator)
+            if self.eval_images is None:  # a latent cache: the rate only
+                return {"heldout_bits_per_pixel": float(nats.mean()) / math.log(2.0) / pixels}
             recon = model.reconstruct(self.eval_images, s.decoder_steps, s.sampler, generator,
                                       spacing=s.spacing, cuda_graph=s.cuda_graph).float()
         for path in grid_paths:
             save_grid(side_by_side(self.eval_images, recon), path, columns=8)
-        pixels = self.config.model.image_size ** 2
         return {"heldout_bits_per_pixel": float(nats.mean()) / math.log(2.0) / pixels,
                 "psnr": float(psnr(recon, self.eval_images).mean())}
+
+    def _heldout_nats(self, model: UnifiedLatents, generator: torch.Generator) -> torch.Tensor:
+        """Nats of up to :data:`HELDOUT_IMAGES` held-out latents (fp32 ``[n]``), images or cached latents."""
+        network = "base" if model.single_stage else "prior"
+        n = min(len(self.test_data), HELDOUT_IMAGES)
+        nats = []
+        for i in range(0, n, 256):
+            if self.from_latents:
+                z = self.test_data.batch(range(i, min(i + 256, n)))[0].to(self.device)
+                nats.append(model.latent_nats(None, network, generator=generator, z_clean=z))
+            else:
+                nats.append(model.latent_nats(self.test_data.images[i:i + 256].to(self.device), network,
+                                              generator=generator))
+        return torch.cat(nats)
 
     @torch.no_grad()
     def write_samples(self, grid_paths: tuple[Path, ...]) -> None:
