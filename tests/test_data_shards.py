@@ -160,10 +160,10 @@ def test_read_only_folder_indexes_in_memory(tmp_path, monkeypatch):
     write_shards(_dataset(n=3), tmp_path / "out")
     (tmp_path / "out" / INDEX_NAME).unlink()
 
-    def refuse(path, record):
+    def refuse(path, record, **_):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(shards_module, "_write_json_atomic", refuse)
+    monkeypatch.setattr(shards_module, "write_json_atomically", refuse)
     with pytest.warns(UserWarning, match="cannot cache the shard index"):
         source = ShardSource(tmp_path / "out")
     assert len(source) == 3 and source[2][1] == 2

@@ -132,7 +132,8 @@ def _sample(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
     from ul_fast.devices import resolve_device
-    from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table, write_json
+    from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
+    from ul_fast.files import write_json_atomically
     from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device
 
@@ -153,7 +154,8 @@ def _eval(args: argparse.Namespace) -> None:
                             progress=not args.no_progress)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
-    path = write_json(Path(args.run) / EVAL_FILE, {"run": str(args.run), "dataset": config.data.dataset, **result})
+    record = {"run": str(args.run), "dataset": config.data.dataset, **result}
+    path = write_json_atomically(Path(args.run) / EVAL_FILE, record)
     print(format_table(result))
     print(f"wrote {path}")
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ul_fast.files import write_json_atomically
 
 from .folder import list_image_folder, open_image, visible_entries
 
@@ -37,25 +38,14 @@ _INDEX_FOLDER = ".ul_fast"  # hidden: the layout rules skip it
 _INDEX_NAME = "index.json"
 
 
-def _write_json_atomically(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to ``path`` through a temporary file in the same folder and ``os.replace``: a reader
-    (another rank starting at the same time) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _store_index(index: dict[str, Any], locations: list[Path]) -> Path | None:
     """Write ``index`` to the first of ``locations`` that takes it; that path, or None when none does."""
     for path in locations:
         try:
-            _write_json_atomically(path, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(path, index, indent=None)
             return path
         except OSError:  # read-only (e.g. a stale .ul_fast folder on a data set mounted read-only since)
             continue

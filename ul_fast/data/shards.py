@@ -23,13 +23,14 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ul_fast.files import write_json_atomically
 
 from .errors import BadImageError
 
@@ -124,16 +125,6 @@ def _index_shard(path: Path) -> dict[str, list]:
     return {"keys": keys, "exts": exts, "offsets": offsets, "sizes": sizes, "labels": labels}
 
 
-def _write_json_atomic(path: Path, record: Any) -> None:
-    """Write ``record`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(record, f, separators=(",", ":"))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _load_index(root: Path, shards: list[Path], stats: list[dict[str, Any]]) -> list[dict[str, list]]:
@@ -158,7 +149,7 @@ def _load_index(root: Path, shards: list[Path], stats: list[dict[str, Any]]) -> 
         entries.append(entry)
     if changed:
         try:
-            _write_json_atomic(cache, {"version": _INDEX_VERSION, "shards": entries})
+            write_json_atomically(cache, {"version": _INDEX_VERSION, "shards": entries}, indent=None)
         except OSError as e:
             warnings.warn(f"shards: cannot cache the shard index at {cache} ({e}); it is rebuilt on every start",
                           stacklevel=3)

@@ -2,7 +2,7 @@
 
 :func:`evaluate_model` takes a loaded model and its data sets, so it stays below the training layer; the
 command line (``ul-fast eval``) loads a run's newest checkpoint, calls it, prints :func:`format_table` and
-writes ``RUN/eval.json`` with :func:`write_json`.
+writes ``RUN/eval.json``.
 
 The measures (N = ``samples``; the first N held-out images, so every evaluation of a data set sees the same):
 
@@ -21,14 +21,10 @@ and one measure's draws do not depend on whether another ran.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,7 +41,7 @@ if TYPE_CHECKING:  # a type only: the model is passed in, loaded by the caller
     from ul_fast.model import UnifiedLatents
 
 __all__ = ["EVAL_FILE", "FEATURES", "check_features", "evaluate_model", "format_table", "in_batches",
-           "load_feature_network", "write_json"]
+           "load_feature_network"]
 
 EVAL_FILE = "eval.json"
 FEATURES = ("fmnist", "inception:PATH")
@@ -252,17 +248,3 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 
-def write_json(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as indented JSON to ``path`` atomically (a temporary file in the same folder, then
-    ``os.replace``), so a reader never sees half a file; returns the path."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

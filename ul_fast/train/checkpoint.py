@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ul_fast.files import sha256_of_file
+from ul_fast.files import sha256_of_file, write_atomically
 
 FORMAT = "ul_fast.checkpoint.v1"
 CHECKSUMS = "checksums.json"
@@ -40,15 +40,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped as unreadable, or loaded without checksums to verify it."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def _write_checksums(folder: Path) -> None:
@@ -110,7 +101,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _atomic_write_text(root / "latest", final.name + "\n")
+    write_atomically(root / "latest", final.name + "\n", durable=True)
     for old in _checkpoint_folders(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -179,7 +170,7 @@ def newest_readable_checkpoint(run_dir: str | Path, read: Callable[[Path], T],
                         while target.exists():
                             target, copy = root / f"corrupt-{bad.name}.{copy}", copy + 1
                         os.replace(bad, target)
-                _atomic_write_text(root / "latest", folder.name + "\n")
+                write_atomically(root / "latest", folder.name + "\n", durable=True)
         return folder, value
     (newest_folder, newest_error), *older = failures
     also = f"; older ones fail too ({', '.join(p.name for p, _ in older)})" if older else ""

@@ -26,9 +26,7 @@ random state): the result equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from ul_fast import ops
 from ul_fast.config import load_config, save_config
 from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
 from ul_fast.diffusion import coefficients
+from ul_fast.files import write_json_atomically
 from ul_fast.model import UnifiedLatents
 from ul_fast.sampling import logsnr_grid
 from ul_fast.train.checkpoint import (
@@ -163,12 +162,6 @@ def _read_teacher(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
                                                                read_weights(model, folder / "ema.safetensors")))[1]
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temporary, path)
-
-
 def _decoder_weights(weights: dict[str, torch.Tensor], decoder: nn.Module) -> dict[str, torch.Tensor]:
     """``weights`` (a whole model's) with the ``decoder.*`` entries replaced by ``decoder``'s."""
     return {**weights, **{f"decoder.{k}": v.detach().cpu() for k, v in decoder.state_dict().items()}}
@@ -262,8 +255,8 @@ class Distiller:
         """``distill.json``: settings, rounds (teacher → student steps, final losses), status."""
         rounds = [{"round": r, "teacher_steps": 2 * n, "student_steps": n, "final_loss": self.losses[r]}
                   for r, n in enumerate(self.rounds)]
-        _write_json(self.out / DISTILL_FILE, {"status": status, **asdict(self.settings), "rounds": rounds,
-                                              "step": self.global_step})
+        write_json_atomically(self.out / DISTILL_FILE, {"status": status, **asdict(self.settings), "rounds": rounds,
+                                                        "step": self.global_step}, indent=1)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> float:

@@ -43,8 +43,7 @@ from ul_fast.data.latent_cache import (
     to_storage,
 )
 from ul_fast.devices import resolve_device
-from ul_fast.eval.evaluate import write_json
-from ul_fast.files import sha256_of_file
+from ul_fast.files import sha256_of_file, write_json_atomically
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import load_trained_model
 from ul_fast.train.preflight import check_device
@@ -95,10 +94,10 @@ def encode_dataset(run_dir: str | Path, data_spec: str, out_dir: str | Path, *, 
                 start, stop = k * shard_size, min((k + 1) * shard_size, len(images))
                 shards.append(_write_shard(out, split, k, model, images, start, stop, dtype, flipped, batch_size,
                                            num_workers, bar))
-                write_json(out / PROGRESS, {"job": job, "shards": done})
+                write_json_atomically(out / PROGRESS, {"job": job, "shards": done})
     splits_record = {split: _split_record(done[split], flip and split == "train") for split in data}
     class_names = next(iter(data.values())).class_names
-    manifest = write_json(out / MANIFEST, {**job, "class_names": class_names, "splits": splits_record})
+    manifest = write_json_atomically(out / MANIFEST, {**job, "class_names": class_names, "splits": splits_record})
     (out / PROGRESS).unlink()
     return manifest
 

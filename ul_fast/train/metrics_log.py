@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from ul_fast.eval.metrics_file import METRICS_FILE, read_metrics
+from ul_fast.files import write_atomically
 
 __all__ = ["MetricsLog", "read_metrics"]
 
@@ -41,9 +41,7 @@ class MetricsLog:
         if not (self.enabled and self.path.exists()):
             return
         kept = [record for record in read_metrics(self.path, events=True) if record["step"] <= step]
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(temporary, self.path)
+        write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
