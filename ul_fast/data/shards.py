@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import json
 import os
 import re
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ul_fast.files import write_json_atomically
 
-from .errors import BadImageError
+from .folder import decode_image
 
 __all__ = ["CLASSES_NAME", "IMAGE_EXTENSIONS", "INDEX_NAME", "MANIFEST_NAME", "ShardSource", "list_shards"]
 
@@ -253,12 +252,7 @@ class ShardSource:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         data, _ = self.encoded(index)
-        try:
-            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as im:
-                image = im.convert("L" if self.channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadImageError(self.member_name(index), str(e) or type(e).__name__) from e
-        return image, int(self.labels[index])
+        return decode_image(data, self.channels, self.member_name(index)), int(self.labels[index])
 
     def _fd(self, shard: int) -> int:
         """A read-only descriptor of shard ``shard``, kept open (least recently used closed beyond 64).
