@@ -38,8 +38,6 @@ _INDEX_FOLDER = ".ul_fast"  # hidden: the layout rules skip it
 _INDEX_NAME = "index.json"
 
 
-
-
 def _store_index(index: dict[str, Any], locations: list[Path]) -> Path | None:
     """Write ``index`` to the first of ``locations`` that takes it; that path, or None when none does."""
     for path in locations:

@@ -124,8 +124,6 @@ def _index_shard(path: Path) -> dict[str, list]:
     return {"keys": keys, "exts": exts, "offsets": offsets, "sizes": sizes, "labels": labels}
 
 
-
-
 def _load_index(root: Path, shards: list[Path], stats: list[dict[str, Any]]) -> list[dict[str, list]]:
     """Per-shard index records (:func:`_index_shard`), in ``shards`` order.
 
