@@ -7,9 +7,12 @@ train / 10k test, Debian's ``dataset-fashion-mnist``; the embedded 5k/1k subset 
 Each run is then scored by ``ul-fast eval`` (N held-out reconstructions and N class-balanced samples, DDIM 32 + 32
 steps, guidance as the preset, seed 0, Fashion-MNIST classifier features).
 
-Noise scale: the default setting is trained with two or three seeds; a difference counts only when it exceeds twice
-the standard deviation over those seeds (``NOISE_SIGMAS``), in the claimed direction ("reproduced"), against it ("not
-reproduced"), else "inconclusive at this scale".
+Noise scale, per metric: σ is the larger of (a) the standard deviation over the default setting's training seeds
+(two or three) and (b) the standard deviation of the default seed-0 run's scores over evaluation seeds 0, 1 and 2
+(``EVAL_SEEDS``: other samples, noise and subsets, same weights). A difference between two runs counts when it lies
+outside the 95 % prediction interval of a difference of two runs, ``t(0.975, n − 1) · σ · √2`` with n the number of
+values σ came from, in the claimed direction ("reproduced"), against it ("not reproduced"), else "inconclusive at
+this scale". So few values make σ itself uncertain; the t quantile pays for that.
 
 Resumable: a run with an ``eval.json`` is done; a run folder with a checkpoint is resumed (``ul-fast train
 --resume``); ``--jobs 2`` trains two runs at once (one thread each), as fits a 2-core machine.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +39,8 @@ from pathlib import Path
 
 from ul_fast.data import DEBIAN_FASHION_MNIST_ROOT
 
-NOISE_SIGMAS = 2.0
+EVAL_SEEDS = (1, 2)  # extra ``ul-fast eval --seed`` draws of the default run, for the evaluation's own noise
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles by degrees of freedom
 DEFAULT_CLF = 5.0  # the tiny preset's loss factor (ul_fast/configs/tiny.yaml says why it is above the paper's)
 
 
@@ -73,6 +78,7 @@ SETTINGS = (
     Setting("ul_clf5_s2", "UL, c_lf 5 (default), seed 2", seed=2),
 )
 DEFAULT_SEEDS = ("ul_clf5_s0", "ul_clf5_s1", "ul_clf5_s2")
+EVAL_NOISE_RUN = "ul_clf5_s0"
 CLF_SWEEP = {2.0: "ul_clf2", 3.0: "ul_clf3", 5.0: "ul_clf5_s0", 8.0: "ul_clf8"}
 METRICS = ("bits_per_pixel_prior", "bits_per_pixel_base", "psnr", "rfd", "gfd")
 
@@ -110,6 +116,22 @@ def run_setting(setting: Setting, root: Path, data: str, samples: int) -> None:
     print(f"[paper_claims {time.strftime('%H:%M:%S')}] {setting.name}: done", flush=True)
 
 
+def run_eval_noise(root: Path, samples: int) -> None:
+    """Score the default seed-0 run again with evaluation seeds :data:`EVAL_SEEDS`, into ``ROOT/eval_noise``
+    (a copy of the run's config and checkpoints, so that its own ``eval.json`` stays the seed-0 one)."""
+    source = root / EVAL_NOISE_RUN
+    for seed in EVAL_SEEDS:
+        copy = root / "eval_noise" / f"seed{seed}"
+        if (copy / "eval.json").exists() or not (source / "eval.json").exists():
+            continue
+        copy.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "config.yaml", copy / "config.yaml")
+        if not (copy / "checkpoints").exists():
+            shutil.copytree(source / "checkpoints", copy / "checkpoints")
+        cli("eval", "--run", str(copy), "--samples", str(samples), "--seed", str(seed), "--no-progress",
+            log=root / "eval_noise.log")
+
+
 # ----------------------------------------------------------------------------------------------- results
 def load_results(root: Path) -> dict[str, dict]:
     """``{setting name: eval.json + study.json}`` of every finished run."""
@@ -122,17 +144,40 @@ def load_results(root: Path) -> dict[str, dict]:
     return results
 
 
-def seed_spread(results: dict[str, dict]) -> dict[str, float]:
-    """Per metric: the standard deviation over the default setting's seeds (nan with fewer than two)."""
-    runs = [results[n] for n in DEFAULT_SEEDS if n in results]
-    return {m: statistics.stdev(r[m] for r in runs) if len(runs) >= 2 else float("nan") for m in METRICS}
+def eval_noise(root: Path, results: dict[str, dict]) -> list[dict]:
+    """The default seed-0 run's scores under every evaluation seed measured (seed 0 first)."""
+    runs = [results[EVAL_NOISE_RUN]] if EVAL_NOISE_RUN in results else []
+    for seed in EVAL_SEEDS:
+        path = root / "eval_noise" / f"seed{seed}" / "eval.json"
+        if path.exists():
+            runs.append(json.loads(path.read_text()))
+    return runs
 
 
-def verdict(difference: float, sigma: float, claimed_sign: int) -> str:
-    """A difference (b − a) against the claim that its sign is ``claimed_sign``, at NOISE_SIGMAS × sigma."""
-    if sigma != sigma:  # nan: no seed spread yet
+def noise(root: Path, results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per metric: ``sigma`` (the larger of the training-seed and the evaluation-seed standard deviations, nan
+    with fewer than two values of either), ``threshold`` (the difference two runs need to count: t(0.975, n−1)·σ·√2)
+    and the two spreads."""
+    seeds = [results[n] for n in DEFAULT_SEEDS if n in results]
+    evals = eval_noise(root, results)
+    table = {}
+    for m in METRICS:
+        spreads = {name: (statistics.stdev(r[m] for r in runs), len(runs))
+                   for name, runs in (("seeds", seeds), ("eval", evals)) if len(runs) >= 2}
+        if not spreads:
+            table[m] = {"sigma": float("nan"), "threshold": float("nan")}
+            continue
+        sigma, n = max(spreads.values())
+        table[m] = {"sigma": sigma, "threshold": T_975[min(n - 1, 4)] * sigma * 2 ** 0.5,
+                    **{f"sigma_{name}": value for name, (value, _) in spreads.items()}}
+    return table
+
+
+def verdict(difference: float, threshold: float, claimed_sign: int) -> str:
+    """A difference (b − a) against the claim that its sign is ``claimed_sign``, at the noise threshold."""
+    if threshold != threshold:  # nan: no spread measured yet
         return "inconclusive (no seed spread)"
-    if abs(difference) <= NOISE_SIGMAS * sigma:
+    if abs(difference) <= threshold:
         return "inconclusive at this scale"
     return "reproduced" if difference * claimed_sign > 0 else "not reproduced"
 
@@ -152,37 +197,38 @@ HEADER = ("| setting | bits/pixel (prior) | bits/pixel (base) | PSNR dB | rFD | 
           "| --- | --- | --- | --- | --- | --- | --- |")
 
 
-def compare(results: dict[str, dict], spread: dict[str, float], a: str, b: str, metric: str, sign: int,
+def compare(results: dict[str, dict], spread: dict[str, dict], a: str, b: str, metric: str, sign: int,
             what: str) -> str:
     """One line: metric of b against a, the claimed sign of (b − a), and the verdict."""
     if a not in results or b not in results:
         return f"- {what}: not measured (a run is missing)"
     diff = results[b][metric] - results[a][metric]
+    threshold = spread[metric]["threshold"]
     return (f"- {what}: {fmt(results[a][metric])} → {fmt(results[b][metric])} (difference {diff:+.3f}, "
-            f"seed σ {fmt(spread[metric])}): **{verdict(diff, spread[metric], sign)}**")
+            f"threshold {fmt(threshold)}): **{verdict(diff, threshold, sign)}**")
 
 
-def monotone_claim(results: dict[str, dict], spread: dict[str, float], metric: str, sign: int, what: str) -> str:
+def monotone_claim(results: dict[str, dict], spread: dict[str, dict], metric: str, sign: int, what: str) -> str:
     """A metric rising (sign +1) or falling (−1) along the c_lf sweep: each neighbour pair and end to end."""
     points = [(c, results[n][metric]) for c, n in sorted(CLF_SWEEP.items()) if n in results]
     if len(points) < 2:
         return f"- {what}: not measured"
+    threshold = spread[metric]["threshold"]
     steps = [b - a for (_, a), (_, b) in zip(points, points[1:])]
-    against = [d for d in steps if d * sign < -NOISE_SIGMAS * spread[metric]]
-    end = verdict(points[-1][1] - points[0][1], spread[metric], sign)
-    if against:
-        end = "not reproduced"
+    end = verdict(points[-1][1] - points[0][1], threshold, sign)
+    if any(d * sign < -threshold for d in steps):
+        end = "not reproduced (a step of the sweep goes the other way)"
     values = ", ".join(f"{c:g}: {fmt(v)}" for c, v in points)
-    return f"- {what} ({values}; seed σ {fmt(spread[metric])}): **{end}**"
+    return f"- {what} ({values}; threshold {fmt(threshold)}): **{end}**"
 
 
-def optimum_claim(results: dict[str, dict], spread: dict[str, float]) -> str:
+def optimum_claim(results: dict[str, dict], spread: dict[str, dict]) -> str:
     """gFD has an interior optimum over c_lf: the best point is not an end and beats both ends beyond noise."""
     points = [(c, results[n]["gfd"]) for c, n in sorted(CLF_SWEEP.items()) if n in results]
     if len(points) < 3:
         return "- gFD has an optimum in c_lf: not measured"
     best = min(range(len(points)), key=lambda i: points[i][1])
-    margin = NOISE_SIGMAS * spread["gfd"]
+    margin = spread["gfd"]["threshold"]
     values = ", ".join(f"{c:g}: {fmt(v, 2)}" for c, v in points)
     if 0 < best < len(points) - 1 and all(points[i][1] - points[best][1] > margin for i in (0, -1)):
         result = "reproduced"
@@ -190,7 +236,7 @@ def optimum_claim(results: dict[str, dict], spread: dict[str, float]) -> str:
         result = f"not reproduced (the best gFD is at the end c_lf = {points[best][0]:g})"
     else:
         result = "inconclusive at this scale"
-    return f"- gFD has an optimum in c_lf ({values}; seed σ {fmt(spread['gfd'], 2)}): **{result}**"
+    return f"- gFD has an optimum in c_lf ({values}; threshold {fmt(margin, 2)}): **{result}**"
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -223,7 +269,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 def write_report(root: Path, out: Path, data: str, samples: int, wall_s: float | None) -> None:
     results = load_results(root)
-    spread = seed_spread(results)
+    spread = noise(root, results)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, out.with_suffix(".png"))
     (out.parent / "data").mkdir(exist_ok=True)
@@ -240,11 +286,16 @@ def write_report(root: Path, out: Path, data: str, samples: int, wall_s: float |
         f"Software: {any_run.get('versions', {})}; CPU: 2 shared cores, two runs at a time, one thread each"
         + (f"; the whole study took {wall_s / 60:.0f} min." if wall_s else "."),
         "",
-        f"A difference counts when it exceeds {NOISE_SIGMAS:g} × the standard deviation over the "
-        f"{sum(n in results for n in DEFAULT_SEEDS)} seeds of the default setting (σ per metric below); so few "
-        "seeds give a crude σ, so read borderline verdicts as such.",
+        "Noise: σ per metric is the larger of the standard deviation over the default setting's "
+        f"{sum(n in results for n in DEFAULT_SEEDS)} training seeds and over the default seed-0 run's "
+        f"{len(eval_noise(root, results))} evaluation seeds; a difference counts when it exceeds t(0.975, n − 1) · σ "
+        "· √2 (the 95 % prediction interval of a difference of two runs, n the number of values behind σ). So "
+        "few values make σ itself uncertain; the t quantile pays for that, and borderline verdicts stay borderline.",
         "",
-        "Seed spread of the default (c_lf 5): " + ", ".join(f"{m} σ = {fmt(spread[m], 4)}" for m in METRICS),
+        "| metric | σ over training seeds | σ over evaluation seeds | threshold |",
+        "| --- | --- | --- | --- |",
+        *[f"| {m} | {fmt(spread[m].get('sigma_seeds'), 4)} | {fmt(spread[m].get('sigma_eval'), 4)} | "
+          f"{fmt(spread[m]['threshold'], 4)} |" for m in METRICS],
         "",
         "## Loss factor sweep (paper Tab. 2)",
         "",
@@ -325,6 +376,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run_setting, s, root, data, args.samples) for s in chosen]:
                 future.result()
+        run_eval_noise(root, args.samples)
         wall_s = time.perf_counter() - start
         (root / "study_wall_s.txt").write_text(f"{wall_s:.0f}\n")
     elif (root / "study_wall_s.txt").exists():
