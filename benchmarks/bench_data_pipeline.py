@@ -63,6 +63,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -92,17 +93,12 @@ QUALITY = (90, 95)
 def bundled_photos() -> list[Path]:
     """Real photographs shipped inside installed packages (those that are installed)."""
     photos = []
-    try:
+    with contextlib.suppress(ImportError):  # matplotlib is the plot extra: absent, its photo is skipped
         from matplotlib import cbook
         photos.append(Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError):  # scikit-learn is not a dependency: used when installed
         import sklearn.datasets
-        images = Path(sklearn.datasets.__file__).parent / "images"
-        photos += sorted(images.glob("*.jpg"))
-    except ImportError:
-        pass
+        photos += sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
     return photos
 
 

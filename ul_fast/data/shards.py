@@ -17,6 +17,7 @@ are unchanged; a read-only shard folder just rebuilds it in memory on every star
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -275,10 +276,8 @@ class ShardSource:
             os.close(fd)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown os may already be gone
             self.close()
-        except Exception:  # interpreter shutdown: os may already be gone
-            pass
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": collections.OrderedDict()}
