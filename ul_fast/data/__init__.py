@@ -20,7 +20,7 @@ from .captions import (
     with_article,
 )
 from .conditioning import Conditioning
-from .dataset import ImageArrayDataset, resize_images, uint8_to_float
+from .dataset import ImageArrayDataset, float_to_uint8, resize_images, uint8_to_float
 from .errors import BadImageError
 from .fashion_mnist import (
     DEBIAN_FASHION_MNIST_ROOT,
@@ -71,6 +71,7 @@ __all__ = [
     "decode_image",
     "detect_layout",
     "fashion_mnist_captions",
+    "float_to_uint8",
     "is_streaming",
     "item_rng",
     "list_image_folder",

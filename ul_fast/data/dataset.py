@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["ImageArrayDataset", "uint8_to_float", "resize_images"]
+__all__ = ["ImageArrayDataset", "float_to_uint8", "uint8_to_float", "resize_images"]
 
 
 def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,12 @@ def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.uint8:
         raise TypeError(f"uint8_to_float: expected uint8 pixels, got dtype {t.dtype}")
     return t.to(torch.float32).div_(127.5).sub_(1.0)  # in place: the same two fp32 roundings, one allocation
+
+
+def float_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [-1, 1] (any shape) -> uint8 [0, 255], the inverse of :func:`uint8_to_float` (values
+    outside [-1, 1] are clamped, the rest rounded to the nearest level)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from ul_fast import __version__
 
 from .augment import ImageTransform
-from .dataset import ImageArrayDataset, resize_images
+from .dataset import ImageArrayDataset, float_to_uint8, resize_images
 from .errors import BadImageError
 from .shards import CLASSES_NAME, IMAGE_EXTENSIONS, MANIFEST_NAME, ShardSource
-from .spec import load_dataset
+from .spec import has_split_folders, load_dataset
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_COUNT", "prepare_shards", "write_shards"]
 
@@ -64,8 +64,7 @@ def _array_samples(data: ImageArrayDataset, image_format: str, quality: int) -> 
     labels = data.labels.tolist() if data.labels is not None else [-1] * len(data)
     for start in range(0, len(data), _ENCODE_CHUNK):
         chunk = data.images[start:start + _ENCODE_CHUNK]
-        # The inverse of uint8_to_float (x / 127.5 - 1): exact for images that came from uint8 pixels.
-        pixels = ((chunk + 1.0) * 127.5).round().clamp_(0, 255).to(torch.uint8)
+        pixels = float_to_uint8(chunk)  # exact for images that came from uint8 pixels
         for offset, chw in enumerate(pixels):
             yield _encode(_from_chw(chw), image_format, quality), _FORMATS[image_format][0], labels[start + offset]
 
@@ -249,7 +248,7 @@ def _splits(spec: str) -> tuple[str, ...] | None:
     if kind in ("fmnist-embedded", "fmnist"):
         return ("train", "test")
     if kind in ("folder", "folder-stream", "shards") and arg:
-        return ("train", "test") if (Path(arg) / "train").is_dir() and (Path(arg) / "test").is_dir() else None
+        return ("train", "test") if has_split_folders(Path(arg)) else None
     if kind == "array" and arg.endswith(".npz") and Path(arg).is_file():
         try:
             with np.load(arg, allow_pickle=False) as z:

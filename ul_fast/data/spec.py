@@ -56,9 +56,14 @@ def is_streaming(spec: str) -> bool:
     return spec_kind(spec) in STREAMING_KINDS
 
 
+def has_split_folders(root: Path) -> bool:
+    """Whether ``root`` holds its splits apart, as the folders ``root/train`` and ``root/test``."""
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
 def _split_folder(root: Path, split: str) -> Path:
     """``root/split`` when ``root`` holds both ``train`` and ``test`` folders, else ``root``."""
-    return root / split if (root / "train").is_dir() and (root / "test").is_dir() else root
+    return root / split if has_split_folders(root) else root
 
 
 def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size: int = 32,

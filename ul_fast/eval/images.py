@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ul_fast.data.dataset import float_to_uint8
+
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [−1, 1] (peak-to-peak 2, so ``MAX² = 4``): ``[B]``."""
@@ -20,8 +22,7 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, C, H, W]`` in [−1, 1] → uint8 ``[B, H, W, C]``."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return float_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
