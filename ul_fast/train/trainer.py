@@ -35,7 +35,7 @@ from ul_fast.data import (
     load_images,
     spec_kind,
 )
-from ul_fast.data.latent_cache import check_cache_for_model, encoder_sha256
+from ul_fast.data.latent_cache import check_cache_for_model
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
@@ -126,10 +126,11 @@ class Trainer:
             _, weights = newest_readable_checkpoint(
                 t.init_from, lambda folder: read_weights(self.model, folder / "ema.safetensors"))
             self.model.load_state_dict(weights)
-        # Stage 2 from a latent cache (data.dataset latents:DIR): the latents must come from this encoder; its
-        # hash is taken here, from full weights, before FSDP shards them.
-        self.from_latents = spec_kind(config.data.dataset) == "latents"
-        encoder_hash = encoder_sha256(self.model.encoder) if self.from_latents else None
+        self.from_latents = spec_kind(config.data.dataset) == "latents"  # stage 2 from a latent cache
+        self.train_data, self.test_data = self._load_data()
+        if self.from_latents:  # the latents must come from this encoder: checked before FSDP shards its weights
+            for cache in (self.train_data, self.test_data):
+                check_cache_for_model(cache, self.model)
         self.ema_model = make_ema_model(self.model)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         # FSDP2: model and EMA sharded alike, so EMA updates are shard-local; evaluation then runs on
@@ -142,10 +143,6 @@ class Trainer:
             for network in (getattr(self.model, name) for name in self.model.NETWORKS):
                 if network is not None:
                     network.compile()
-        self.train_data, self.test_data = self._load_data()
-        if self.from_latents:
-            for cache in (self.train_data, self.test_data):
-                cache.check(encoder_hash, self.model.latent_shape)
         check_run_inputs(config, self.train_data, self.test_data)
         self.stream = self._batch_stream()
         # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
