@@ -8,6 +8,7 @@ encoder's weights. Its EMA weights differ from its raw weights, so the tests see
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -303,18 +304,28 @@ def stage2_records(config, folder) -> list[dict]:
             if "loss" in r]
 
 
+# The cache encodes images in batches of 8, the pixel run in its random training batches of 16: a CPU's conv and
+# matmul kernels may round an image's latent differently in another batch (a few ulps, ~1e-7 relative), which three
+# AdamW steps carry through at that order. 1e-5 leaves that a wide margin; a latent off by 1e-4 fails.
+RTOL = 1e-5
+
+
 def test_stage2_trains_from_the_cache_as_from_pixels(run, tmp_path):
     """The trainer's stage 2 from an fp32 cache (data.dataset latents:DIR) logs the same losses, gradient norms and
-    frozen bits/pixel, step for step, and ends with the same base-model weights as stage 2 from the pixels."""
+    frozen bits/pixel, step for step, and ends with the same base-model weights as stage 2 from the pixels (to
+    fp32 rounding: see RTOL)."""
     encode_dataset(*run, tmp_path / "cache", dtype="fp32", **ENCODE)
     stage2 = {"init_from": str(run[0]), "stage1_steps": 0, "stage2_steps": 3, "eval_every": 3, "log_every": 1}
     from_pixels = stage2_records(micro_config(data={"dataset": run[1]}, train=stage2), tmp_path / "pixels")
     from_cache = stage2_records(micro_config(data={"dataset": f"latents:{tmp_path / 'cache'}"}, train=stage2),
                                 tmp_path / "latents")
-    assert len(from_cache) == 3 and from_cache == from_pixels
+    assert len(from_cache) == 3 and [r.keys() for r in from_cache] == [r.keys() for r in from_pixels]
+    for cached, pixel in zip(from_cache, from_pixels):
+        assert all(math.isclose(cached[k], pixel[k], rel_tol=RTOL) for k in cached), (cached, pixel)
     weights = [load_file(tmp_path / name / "checkpoints" / "step_00000003" / "ema.safetensors")
                for name in ("pixels", "latents")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if k.startswith("base."))
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=RTOL, atol=RTOL * weights[0][k].abs().max())
+               for k in weights[0] if k.startswith("base."))
 
 
 def test_a_cache_run_must_skip_stage1_and_name_its_encoder_run(run, tmp_path):
