@@ -193,3 +193,48 @@ def test_misuse_is_one_line(teacher, tmp_path, capsys):
     one_line_error(capsys, fast, "already holds a run", "--overwrite")
     cli.main([*fast, "--overwrite"])
     assert json.loads((tmp_path / "d" / DISTILL_FILE).read_text())["status"] == "done"
+
+
+# ----------------------------------------------------------------------------- the quality benchmark
+def test_distill_quality_rows_match_eval_and_resume(teacher, uninterrupted, tmp_path, monkeypatch):
+    """benchmarks/distill_quality.py on the micro runs: the reference row's rFD and PSNR are ul-fast eval's at
+    the same steps; each undistilled row's fidelity is the PSNR of its own reconstructions against the
+    reference's; a second call reuses the finished rows and only writes the report."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from ul_fast.eval import evaluate_model, psnr
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_quality.py"
+    spec = importlib.util.spec_from_file_location("distill_quality", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "dq"
+    argv = ["distill_quality.py", "--teacher", str(teacher), "--students", str(uninterrupted), "--steps", "2,1",
+            "--teacher-steps", "4", "--samples", "16", "--latent-steps", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["decoder"], r["steps"]) for r in rows] == [("teacher", 4), ("teacher", 2), ("teacher", 1),
+                                                          ("distilled", 1)]
+    config, model = load_trained_model(teacher)
+    test = load_dataset(config.data.dataset, "test", config.model.image_size)
+    train = load_dataset(config.data.dataset, "train", config.model.image_size)
+    official = evaluate_model(model, train, test, samples=16, decoder_steps=4, latent_steps=2, progress=False)
+    assert rows[0]["rfd"] == pytest.approx(official["rfd"], rel=1e-9)
+    assert rows[0]["psnr"] == pytest.approx(official["psnr"], rel=1e-9)
+
+    def reconstruct(steps):
+        return model.reconstruct(test.images[:16], steps, "ddim", torch.Generator().manual_seed(0)).float()
+
+    reference = reconstruct(4)
+    assert rows[2]["fidelity_psnr"] == pytest.approx(float(psnr(reconstruct(1), reference).mean()), rel=1e-6)
+    assert rows[2]["fidelity_psnr"] < 100 and rows[3]["fidelity_psnr"] != rows[2]["fidelity_psnr"]
+    table = out.with_suffix(".md").read_text()
+    assert "| teacher (reference) | 4 |" in table and "| distilled | 1 |" in table
+    monkeypatch.setattr(script, "frechet_distance", None)  # any new row would fail: every row is reused
+    out.with_suffix(".md").unlink()
+    script.main()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
+    assert out.with_suffix(".md").read_text() == table
