@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> None:
     try:
         trainer = Trainer(config, run_dir, rank, world_size)
         trainer.fit(resume=bool(args.resume), overwrite=args.overwrite)
+        if distributed:  # every rank is done before any closes its connections (a rank torn down while a peer
+            torch.distributed.barrier()  # still reads from it can abort in gloo's threads: seen once in CI)
     except (TrainingInterrupted, TrainingAborted) as stop:  # exit status 128 + signal: 130 SIGINT, 143 SIGTERM
         if rank == 0:
             print(f"ul-fast: {stop}", file=sys.stderr)
