@@ -110,16 +110,14 @@ def main() -> None:
                 "spacing": s.spacing, "latent_sampler": args.latent_sampler, "latent_steps": args.latent_steps,
                 "guidance": s.guidance, "features": args.features, "seed": args.seed}
 
-    reference = reconstruct(teacher, args.teacher_steps)
-    original_stats = feature_statistics(embed(originals))
-    train_stats = feature_statistics(embed(train.images))
-    latents = None
-    for (kind, steps), model in decoders.items():
-        if (kind, steps) in done:
-            continue
+    pending = {key: model for key, model in decoders.items() if key not in done}
+    if pending:  # what every new row needs, computed once (and not at all when every row is done)
+        reference = reconstruct(teacher, args.teacher_steps)
+        original_stats = feature_statistics(embed(originals))
+        train_stats = feature_statistics(embed(train.images))
+        latents = sample_latents()
+    for (kind, steps), model in pending.items():
         start = time.perf_counter()
-        if latents is None:
-            latents = sample_latents()
         recon = reference if (kind, steps) == ("teacher", args.teacher_steps) else reconstruct(model, steps)
         generated = decode(model, latents, steps)
         rows.append({"decoder": kind, "steps": steps, "psnr": float(psnr(recon, originals).mean()),
