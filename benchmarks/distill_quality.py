@@ -37,6 +37,7 @@ from ul_fast.eval import feature_statistics, frechet_distance, psnr
 from ul_fast.eval.evaluate import check_features, in_batches, load_feature_network
 from ul_fast.files import write_json_atomically
 from ul_fast.train import load_trained_model
+from ul_fast.train.checkpoint import CheckpointError
 
 BATCH = 250  # ul-fast eval's batch: the same batches draw the same noise
 
@@ -149,4 +150,7 @@ def write_report(args: argparse.Namespace, settings: dict, rows: list[dict]) -> 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, CheckpointError) as error:  # a wrong argument: one line, before any work
+        raise SystemExit(f"distill_quality.py: error: {error}") from None
