@@ -100,8 +100,8 @@ def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monk
     root = write_folder(tmp_path / "data")
     age_folders(root)
     listings = []
-    real_list = lazy_folder_module.list_image_folder
-    monkeypatch.setattr(lazy_folder_module, "list_image_folder", lambda r: listings.append(r) or real_list(r))
+    real_list = lazy_folder_module.scan_image_folder
+    monkeypatch.setattr(lazy_folder_module, "scan_image_folder", lambda r: listings.append(r) or real_list(r))
     first = LazyImageFolder(root, 3)
     assert first.index_path == root.resolve() / ".ul_fast" / "index.json" and first.index_path.is_file()
     second = LazyImageFolder(root, 3)

@@ -44,7 +44,7 @@ def test_shapes_mask_and_padding(encoder):
     assert emb.tokens.shape == (len(CAPTIONS), T, EMBED_DIM) and emb.tokens.dtype == torch.float32
     assert emb.mask.shape == (len(CAPTIONS), T) and emb.mask.dtype == torch.bool
     assert emb.pooled.shape == (len(CAPTIONS), EMBED_DIM)
-    lengths = [len(e.ids) - e.ids.count(0) for e in encoder.tokenizer.encode_batch(CAPTIONS)]
+    lengths = [len(e.ids) - e.ids.count(0) for e in encoder.network.tokenizer.encode_batch(CAPTIONS)]
     assert emb.mask.sum(1).tolist() == lengths
     assert lengths[-1] == 2  # "" -> [CLS] [SEP]
     # The mask is a prefix (right padding), padded token states are exactly zero, real ones are not.
@@ -110,7 +110,7 @@ def test_memory_cache_hit_is_identical_and_skips_the_network(encoder, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("cached captions must not be recomputed")
 
-    monkeypatch.setattr(encoder, "model", fail)
+    monkeypatch.setattr(encoder, "network", fail)
     again = encoder.encode(CAPTIONS + CAPTIONS[:2])
     for name in ("tokens", "mask", "pooled"):
         assert torch.equal(getattr(again, name)[: len(CAPTIONS)], getattr(first, name))
@@ -125,14 +125,14 @@ def test_disk_cache_roundtrip_and_corrupt_file(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.tmp"))
 
     reader = TextEncoder("cpu", tmp_path, max_tokens=T)
-    real_model = reader.model
-    monkeypatch.setattr(reader, "model", lambda *a, **k: pytest.fail("disk cache hit must not recompute"))
+    real_network = reader.network
+    monkeypatch.setattr(reader, "network", lambda *a, **k: pytest.fail("disk cache hit must not recompute"))
     read = reader.encode(CAPTIONS[:3])
     for name in ("tokens", "mask", "pooled"):
         assert torch.equal(getattr(read, name), getattr(written, name))
 
     # A truncated cache file is reported and recomputed, not trusted.
-    monkeypatch.setattr(reader, "model", real_model)
+    monkeypatch.setattr(reader, "network", real_network)
     reader._memory.clear()
     victim = reader._cache_path(CAPTIONS[0])
     victim.write_bytes(victim.read_bytes()[:100])

@@ -99,51 +99,94 @@ def _sample(args: argparse.Namespace) -> None:
     from ul_fast.data import Conditioning
     from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
+    from ul_fast.eval.adherence import read_prompts
     from ul_fast.train import load_trained_model
-    from ul_fast.train.preflight import check_device
+    from ul_fast.train.preflight import check_device, check_text_model
 
     check_device(args.device, "--device")
+    if args.prompts is not None and (args.prompt is not None or args.label is not None):
+        raise ValueError("--prompts gives every image its prompt: it does not go with --prompt or --label")
+    prompts = None if args.prompts is None else [p.text for p in read_prompts(args.prompts)]
+    n = args.n or (1 if prompts is not None else 64)  # with --prompts: images per prompt
     device = resolve_device(args.device)
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
+    check_text_model(config)  # the text encoder is there and fits, before any sampling
     if _base_model_trained(args.run):
-        if args.prompt is not None and not m.context_dim:
-            raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
-        if args.prompt is None and m.context_dim:
-            raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker'")
+        if (args.prompt is not None or prompts is not None or args.negative_prompt is not None) and not m.context_dim:
+            raise ValueError(f"--prompt, --prompts and --negative-prompt need a text-conditioned run; {args.run} has "
+                             f"model.context_dim: null")
+        if args.prompt is None and prompts is None and m.context_dim:
+            raise ValueError(f"{args.run} is text-conditioned: give --prompt, e.g. --prompt 'a photo of a sneaker', "
+                             f"or --prompts FILE")
         if args.label is not None and not 0 <= args.label < m.num_classes:
             raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
-        conditioning, columns = Conditioning(m, device).for_request(args.n, args.prompt, args.label)
+        if prompts is not None:
+            conditioning = Conditioning(m, device).for_captions([p for p in prompts for _ in range(n)],
+                                                                args.negative_prompt)
+            columns = n if n > 1 else None
+        else:
+            conditioning, columns = Conditioning(m, device).for_request(n, args.prompt, args.label,
+                                                                        args.negative_prompt)
     else:  # the latents of the stage-1 prior decode to images too: better than the noise of an untrained base
-        if args.prompt is not None or args.label is not None:
+        if args.prompt is not None or args.label is not None or prompts is not None:
             raise ValueError(f"{args.run} has no trained base model (stage 2 has not run), and its stage-1 prior is "
-                             f"unconditional: drop --label and --prompt to sample from the prior")
+                             f"unconditional: drop --label and --prompt(s) to sample from the prior")
         print(f"ul-fast: note: {args.run} has no trained base model (stage 2 has not run): sampling from its "
               f"stage-1 prior, unconditionally", file=sys.stderr)
         conditioning, columns = {"use_prior": True}, None
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
+    images = model.sample(n * len(prompts) if prompts is not None else n, args.latent_steps or s.latent_steps,
+                          args.decoder_steps or s.decoder_steps,
                           args.sampler or s.sampler, generator, progress=not args.no_progress,
                           spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                           guidance=s.guidance if args.guidance is None else args.guidance,
-                          guidance_interval=tuple(s.guidance_interval), **conditioning)
-    save_grid(images.float(), args.out, columns=columns)
-    print(f"wrote {args.n} samples to {args.out}")
+                          guidance_interval=tuple(s.guidance_interval), **conditioning).float()
+    save_grid(images, args.out, columns=columns)
+    if prompts is not None:
+        folder = _write_prompt_images(images, prompts, n, Path(args.out))
+        print(f"wrote {len(prompts)} prompt(s) x {n} image(s) to {folder}/ (one file per prompt, index.json) and "
+              f"their grid to {args.out}")
+    else:
+        print(f"wrote {n} samples to {args.out}")
+
+
+def _write_prompt_images(images: torch.Tensor, prompts: list[str], n: int, grid: Path) -> Path:
+    """One image file per prompt (its ``n`` samples side by side) in the folder named after the grid
+    (``grid.png`` → ``grid/0001.png``, …), and ``index.json`` naming each file's prompt; returns the folder."""
+    from ul_fast.eval import save_grid
+    from ul_fast.files import write_json_atomically
+
+    folder = grid.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for k, prompt in enumerate(prompts):
+        name = f"{k + 1:04d}{grid.suffix}"
+        save_grid(images[k * n:(k + 1) * n], folder / name, columns=n)
+        index.append({"file": name, "prompt": prompt})
+    write_json_atomically(folder / "index.json", index)
+    return folder
 
 
 def _eval(args: argparse.Namespace) -> None:
     from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
     from ul_fast.devices import resolve_device
+    from ul_fast.eval.adherence import read_prompts
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
     from ul_fast.files import write_json_atomically
     from ul_fast.train import load_trained_model
-    from ul_fast.train.preflight import check_device
+    from ul_fast.train.preflight import check_device, check_text_model
 
     check_device(args.device, "--device")
+    prompts = None if args.prompts is None else read_prompts(args.prompts)  # before any work
     device = resolve_device(args.device)
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
+    check_text_model(config)
+    if (prompts is not None or args.negative_prompt is not None) and not m.context_dim:
+        raise ValueError(f"--prompts and --negative-prompt need a text-conditioned run; {args.run} has "
+                         f"model.context_dim: null")
     train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
                                          stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
     result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
@@ -153,10 +196,11 @@ def _eval(args: argparse.Namespace) -> None:
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
                             base_trained=_base_model_trained(args.run), features=args.features,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, prompts=prompts, negative_prompt=args.negative_prompt)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
-    record = {"run": str(args.run), "dataset": config.data.dataset, **result}
+    record = {"run": str(args.run), "dataset": config.data.dataset, **result,
+              **({"prompts_file": str(args.prompts)} if args.prompts else {})}
     path = write_json_atomically(Path(args.run) / EVAL_FILE, record)
     print(format_table(result))
     print(f"wrote {path}")
@@ -329,10 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a grid of images with a run's newest checkpoint (EMA weights): the base model's "
                     "latents, decoded. A run whose stage 2 has not run samples its stage-1 prior instead.")
     sample.add_argument("--run", required=True, help="run folder written by ul-fast train")
-    sample.add_argument("-n", type=_positive_int, default=64, help="number of images (default 64)")
+    sample.add_argument("-n", type=_positive_int,
+                        help="number of images (default 64); with --prompts, images per prompt (default 1)")
     sample.add_argument("--out", type=_image_path, default="samples.png",
                         help="image file of the grid; its extension picks the format (default samples.png)")
     sample.add_argument("--prompt", help="caption for a text-conditioned run, e.g. 'a photo of a sneaker'")
+    sample.add_argument("--prompts", metavar="FILE",
+                        help="a text-conditioned run's prompts, one per line (UTF-8; or JSON Lines with \"text\"): "
+                             "writes one image file per prompt into the folder named after --out (OUT.png → "
+                             "OUT/0001.png, …, with index.json) and their grid to --out")
+    sample.add_argument("--negative-prompt", metavar="TEXT",
+                        help="guide away from this caption: it replaces the null caption in classifier-free guidance")
     sample.add_argument("--label", type=int, help="class label for every image (default: all classes in turn)")
     sample.add_argument("--guidance", type=_non_negative_float,
                         help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance)")
@@ -354,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="classifier-free guidance scale of the samples, 1 = none (default: the run's "
                                "sample.guidance)")
     evaluate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random draw (default 0)")
+    evaluate.add_argument("--prompts", metavar="FILE",
+                          help="a text-conditioned run's samples take these prompts in turn (one per line, or JSON "
+                               "Lines with \"text\" and optional \"left\", \"right\", \"held_out\", as "
+                               "scripts/make_fmnist_pairs.py writes prompts.jsonl); for Fashion-MNIST pairs, the "
+                               "share of samples whose two halves the classifier reads as the prompt's classes "
+                               "(adherence) is reported for seen and held-out orders")
+    evaluate.add_argument("--negative-prompt", metavar="TEXT",
+                          help="guide the samples away from this caption (it replaces the null caption)")
     evaluate.add_argument("--features", default="fmnist", metavar="NAME",
                           help="feature network of FD and KID: fmnist, the Fashion-MNIST classifier shipped with "
                                "ul-fast, for grayscale data (default); inception:PATH, the FID Inception-v3 with "

@@ -47,6 +47,14 @@ CROPS = ("center", "random")
 """``data.crop``: how a streamed image is cut to a square before it is resized (``ul_fast.data.augment``)."""
 BAD_IMAGE_POLICIES = ("skip", "fail")
 """``data.on_bad_image``: what a streamed image whose bytes do not decode does (``ul_fast.data.loader``)."""
+CAPTION_POLICIES = ("skip", "empty", "fail")
+"""``data.caption_policy``: what an image without a caption (none given, or only empty ones) does in a text model's
+data (``ul_fast.data.caption_data``): left out, trained with the empty caption, or an error before training."""
+NULL_CAPTIONS = ("empty", "zeros")
+"""``model.null_caption``: the unconditional text input of classifier-free guidance: the text encoder's embedding
+of the empty caption "", or all-zero token states and pooled vector."""
+MINILM = "minilm"
+"""``model.text_encoder`` of the bundled all-MiniLM-L6-v2 (384-dimensional)."""
 
 
 class ConfigError(ValueError):
@@ -117,9 +125,17 @@ class ModelConfig:
     base_bias: float = 0.0
     num_classes: int = 0
     label_dropout: float = 0.1
-    # Text conditioning (base model): 384 = all-MiniLM-L6-v2 (extra ul-fast[text]); None = no text.
+    # Text conditioning (base model): the text encoder's width (384 for all-MiniLM-L6-v2); None = no text.
     context_dim: int | None = None
-    text_max_tokens: int = 16
+    text_max_tokens: int = 16  # T: captions are padded or truncated to T tokens (special tokens included)
+    # minilm (all-MiniLM-L6-v2, extra ul-fast[text]) or the path of a local Hugging Face text encoder folder
+    # (BERT-like, T5 or CLIP text tower; its hidden size must be context_dim), loaded offline.
+    text_encoder: str = MINILM
+    # Probability that a training example's caption is replaced by the null caption (classifier-free guidance);
+    # null = label_dropout. Labels and captions are dropped by the same uniform draw.
+    caption_dropout: float | None = None
+    # One of NULL_CAPTIONS. zeros: what text runs did before this key (so their config.yaml reads unchanged).
+    null_caption: str = "zeros"
     # One of MODES. single_stage trains the base model with encoder and decoder, each example up to a
     # maximum log-SNR ~ Logistic(base_bias, 1) clamped at latent_logsnr_0 (the mass above sits at it).
     mode: str = TWO_STAGE
@@ -187,6 +203,9 @@ class DataConfig:
     # An image whose bytes do not decode (one of BAD_IMAGE_POLICIES): skip = replace it by the next one that
     # does, with a warning and a count in the metrics (bad_images); fail = stop the run, naming the file.
     on_bad_image: str = "skip"
+    # A text model's image without a caption (one of CAPTION_POLICIES): skip = leave it out, empty = train it
+    # with the empty caption, fail = stop before training, naming such images. Counted and named either way.
+    caption_policy: str = "fail"
 
 
 @dataclass
@@ -440,9 +459,15 @@ def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.prediction in PREDICTIONS, f"model.prediction must be one of {PREDICTIONS}, got {m.prediction!r}")
     _require(0 <= m.label_dropout < 1, f"model.label_dropout must be in [0, 1), got {m.label_dropout}")
     _require(m.num_classes >= 0, "model.num_classes must be >= 0")
-    _require(m.context_dim in (None, 384),
-             f"model.context_dim must be null or 384 (all-MiniLM-L6-v2), got {m.context_dim}")
-    _require(m.text_max_tokens > 0, "model.text_max_tokens must be > 0")
+    _require(m.context_dim is None or m.context_dim > 0, f"model.context_dim must be null or > 0, got {m.context_dim}")
+    _require(m.context_dim in (None, 384) or m.text_encoder != MINILM,
+             f"model.context_dim must be 384 for model.text_encoder minilm (all-MiniLM-L6-v2), got {m.context_dim}")
+    _require(m.text_max_tokens >= 3, f"model.text_max_tokens must be >= 3, got {m.text_max_tokens}")
+    _require(bool(m.text_encoder), "model.text_encoder must be minilm or the path of a text encoder folder")
+    _require(m.caption_dropout is None or 0 <= m.caption_dropout < 1,
+             f"model.caption_dropout must be null or in [0, 1), got {m.caption_dropout}")
+    _require(m.null_caption in NULL_CAPTIONS,
+             f"model.null_caption must be one of {NULL_CAPTIONS}, got {m.null_caption!r}")
     _require(m.mode in MODES, f"model.mode must be one of {MODES}, got {m.mode!r}")
     _require(m.mode == TWO_STAGE or t.stage2_steps == 0,
              "model.mode single_stage trains the base model in stage 1: set train.stage2_steps to 0")
@@ -561,3 +586,5 @@ def _validate_data(d: DataConfig) -> None:
     _require(d.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {d.prefetch_factor}")
     _require(d.on_bad_image in BAD_IMAGE_POLICIES,
              f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {d.on_bad_image!r}")
+    _require(d.caption_policy in CAPTION_POLICIES,
+             f"data.caption_policy must be one of {CAPTION_POLICIES}, got {d.caption_policy!r}")

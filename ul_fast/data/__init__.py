@@ -6,11 +6,13 @@ int64 labels); data too large for memory is a map-style source read example by e
 spec string; :class:`BatchStream` yields shuffled batches of in-memory data with an exactly restorable
 position, and :class:`StreamingBatches` the same batches of a source, decoded and augmented
 (:class:`ImageTransform`) in DataLoader workers; :class:`Conditioning` gives the class labels and caption
-embeddings of training batches, sample grids and sampling requests.
+embeddings of training batches, sample grids and sampling requests. Sources may carry captions
+(:class:`CaptionTable`); their batches then hold a :class:`CaptionBatch` in place of the labels.
 """
 
 from .arrays import LAYOUTS, array_to_dataset, detect_layout, load_array
 from .augment import ImageTransform, item_rng
+from .caption_data import CaptionBatch, CaptionTable, CaptionWarning, apply_caption_policy
 from .captions import (
     CAPTION_TEMPLATES,
     FASHION_MNIST_NOUNS,
@@ -47,6 +49,9 @@ from .stream import BatchStream
 
 __all__ = [
     "BadImageError",
+    "CaptionBatch",
+    "CaptionTable",
+    "CaptionWarning",
     "BadImageWarning",
     "BatchStream",
     "CAPTION_TEMPLATES",
@@ -66,6 +71,7 @@ __all__ = [
     "ShardSource",
     "StreamingBatches",
     "all_fashion_mnist_captions",
+    "apply_caption_policy",
     "array_to_dataset",
     "captions_for_class",
     "decode_image",

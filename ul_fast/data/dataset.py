@@ -8,11 +8,15 @@ Pixel convention used throughout ul_fast: float32 images ``[N, C, H, W]`` in [-1
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from .caption_data import CaptionTable
 
 __all__ = ["ImageArrayDataset", "float_to_uint8", "uint8_to_float", "resize_images"]
 
@@ -52,6 +56,7 @@ class ImageArrayDataset(Dataset):
         labels: int64 ``[N]`` (class indices >= 0) or ``None`` for unlabeled data.
         class_names: optional names, ``class_names[k]`` names label ``k``.
         source: a short human-readable description of where the data came from (for logs).
+        captions: optional :class:`~ul_fast.data.caption_data.CaptionTable` of the ``N`` images.
 
     ``dataset[i]`` returns ``(image [C, H, W], label)`` with ``label`` an int, ``-1`` when unlabeled.
     """
@@ -62,6 +67,7 @@ class ImageArrayDataset(Dataset):
         labels: torch.Tensor | None = None,
         class_names: Sequence[str] | None = None,
         source: str = "",
+        captions: CaptionTable | None = None,
     ) -> None:
         where = f" ({source})" if source else ""
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -90,7 +96,10 @@ class ImageArrayDataset(Dataset):
             if class_names is not None and int(labels.max()) >= len(class_names):
                 raise ValueError(f"ImageArrayDataset{where}: label {int(labels.max())} has no class name "
                                  f"({len(class_names)} class_names given)")
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"ImageArrayDataset{where}: {len(captions)} images' captions for {n} images")
         self.images = images.to(torch.float32).contiguous()
+        self.captions = captions
         self.labels = labels
         self.class_names = list(class_names) if class_names is not None else None
         self.source = source

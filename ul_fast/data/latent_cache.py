@@ -8,6 +8,7 @@ them. Layout of a cache folder::
     DIR/train-00000.latents.npy       # [n, C_z, h, w] z_clean of images [0, n) of the split
     DIR/train-00000.flipped.npy       # (flip only) z_clean of the same images flipped horizontally
     DIR/train-00000.labels.npy        # int64 [n], class index or -1 (unlabeled)
+    DIR/train-00000.captions.json     # (captioned data only) each image's captions, a JSON list of lists
     DIR/train-00001.latents.npy ...   # the next shard_size images; then test-00000.* (no flipped copies)
 
 Shards are ``.npy`` files because NumPy memory-maps them (``np.load(mmap_mode="r")``): a reader touches only
@@ -22,7 +23,12 @@ truncated shard and (``verify_hashes``) a corrupted one, naming the file.
 
 Flip: the flipped latents are extra items (item ``N + i`` is image ``i`` flipped), not a per-epoch choice, so
 the dataset is a plain map-style one whose items need no epoch; over an epoch of the ``2N`` items every
-image is seen once each way, as a random flip with p = 0.5 gives in expectation.
+image is seen once each way, as a random flip with p = 0.5 gives in expectation. A flipped item has its image's
+captions (``ul-fast encode --flip`` warns when captions speak of left and right).
+
+Captions are stored as text, not as embeddings, so that one cache serves any text encoder; stage 2 embeds them
+as it embeds the captions of images (cached per caption). A text model's ``data.caption_policy`` applies to the
+cache's items as to images: ``skip`` leaves items without a caption out.
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ from torch.utils.data import Dataset
 
 from ul_fast.files import sha256_of_file
 
+from .caption_data import CaptionTable, apply_caption_policy
+
 if TYPE_CHECKING:  # a type only: the model is passed in by the caller
     from ul_fast.model import UnifiedLatents
 
-__all__ = ["CACHE_DTYPES", "ENCODER_HASH_METHOD", "FORMAT", "MANIFEST", "PROGRESS", "SPLITS", "LatentCache",
+__all__ = ["CACHE_DTYPES", "CAPTIONS", "ENCODER_HASH_METHOD", "FORMAT", "MANIFEST", "PROGRESS", "SPLITS", "LatentCache",
            "LatentCacheError", "check_cache_for_model", "encoder_sha256", "from_storage", "shard_file_name",
            "to_storage"]
 
@@ -55,6 +63,8 @@ MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
 """The shards an unfinished encode has written (removed when the manifest is written)."""
 SPLITS = ("train", "test")
+CAPTIONS = "captions"
+"""The kind of a shard's caption file (JSON, not an array)."""
 CACHE_DTYPES = {"bf16": np.uint16, "fp16": np.float16, "fp32": np.float32}
 """Storage dtype name → the NumPy dtype of its shards (bf16: its bit pattern as uint16)."""
 ENCODER_HASH_METHOD = ("sha256 over the encoder's state-dict entries in sorted name order: for each, "
@@ -87,8 +97,10 @@ def encoder_sha256(weights: nn.Module | Mapping[str, torch.Tensor], prefix: str 
 
 # ----------------------------------------------------------------------------- storage
 def shard_file_name(split: str, shard: int, kind: str) -> str:
-    """``train-00003.latents.npy``: ``kind`` is ``latents``, ``flipped`` or ``labels``."""
-    return f"{split}-{shard:05d}.{kind}.npy"
+    """``train-00003.latents.npy``: ``kind`` is ``latents``, ``flipped`` or ``labels``; ``captions`` is
+    ``train-00003.captions.json``."""
+    return f"{split}-{shard:05d}.{kind}.{'json' if kind == CAPTIONS else 'npy'}"
+
 
 
 def to_storage(z: torch.Tensor, dtype: str) -> np.ndarray:
@@ -122,15 +134,18 @@ class LatentCache(Dataset):
         split: ``"train"`` or ``"test"``.
         verify_hashes: check every shard file's SHA-256 now (reads the whole split once: minutes for
             ImageNet, so off by default); the default checks each file's existence, size and array header.
+        caption_policy: a text model's ``data.caption_policy`` for items without a caption (None: not required).
 
     Items ``[0, N)`` are the images in data-set order; with a flipped cache's train split, ``[N, 2N)`` are the
-    same images flipped. Labels are class indices, -1 for unlabeled data. Shards are memory-mapped on first
-    use in each process (a DataLoader worker maps its own), so memory does not grow with the data set.
+    same images flipped (a ``skip`` caption policy leaves out the items without a caption). Labels are class
+    indices, -1 for unlabeled data; ``captions`` the items' :class:`~ul_fast.data.caption_data.CaptionTable`
+    (None when the images had none). Shards are memory-mapped on first use in each process (a DataLoader worker
+    maps its own), so memory does not grow with the data set.
     """
 
     def __init__(self, root: str | Path, expected_encoder_hash: str | None = None,
                  expected_latent_shape: Sequence[int] | None = None, split: str = "train",
-                 verify_hashes: bool = False):
+                 verify_hashes: bool = False, caption_policy: str | None = None):
         if split not in SPLITS:
             raise ValueError(f"LatentCache: split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.root = Path(root)
@@ -161,6 +176,12 @@ class LatentCache(Dataset):
             for kind, record in shard["files"].items():
                 self._check_file(record, kind, shard["count"], verify_hashes)
         self._mapped: dict[int, dict[str, np.ndarray]] = {}
+        self._items: np.ndarray | None = None  # the stored items this split's items are (None: all of them)
+        self.captions = self._read_captions() if entry.get("captioned") else None
+        self.caption_report = None
+        if self.captions is not None and caption_policy is not None:
+            self.captions, self._items, self.caption_report = apply_caption_policy(
+                self.captions, caption_policy, self.source, lambda i: f"item {i}")
 
     # ------------------------------------------------------------------------- checks
     def check(self, encoder_hash: str | None = None, latent_shape: Sequence[int] | None = None) -> None:
@@ -177,6 +198,21 @@ class LatentCache(Dataset):
             raise LatentCacheError(f"{self.manifest_path} holds latents of shape {list(shape)}, the model expects "
                                    f"{list(latent_shape)} (another model config?)")
 
+    def _read_captions(self) -> CaptionTable:
+        """Every stored item's captions (read whole: text is small beside the latents)."""
+        per_image: list[list[str]] = []
+        for shard in self._shards:
+            path = self.root / shard["files"][CAPTIONS]["name"]
+            try:
+                captions = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise LatentCacheError(f"latent cache file {path} is unreadable: {error}") from None
+            if not isinstance(captions, list) or len(captions) != shard["count"]:
+                raise LatentCacheError(f"latent cache file {path} must list the captions of {shard['count']} images")
+            per_image.extend(captions)
+        table = CaptionTable(per_image)
+        return table.tiled(2) if self.flipped else table
+
     def _check_file(self, record: dict[str, Any], kind: str, count: int, verify_hash: bool) -> None:
         path = self.root / record["name"]
         if not path.is_file():
@@ -184,6 +220,11 @@ class LatentCache(Dataset):
         if path.stat().st_size != record["bytes"]:
             raise LatentCacheError(f"latent cache file {path} has {path.stat().st_size} bytes, {self.manifest_path} "
                                    f"says {record['bytes']} (truncated or rewritten?)")
+        if kind == CAPTIONS:  # JSON, read whole by _read_captions
+            if verify_hash and sha256_of_file(path) != record["sha256"]:
+                raise LatentCacheError(f"latent cache file {path} fails its SHA-256 check against "
+                                       f"{self.manifest_path} (corrupted on disk?)")
+            return
         if kind == "labels":
             shape, dtype = (count,), np.dtype(np.int64)
         else:
@@ -218,13 +259,15 @@ class LatentCache(Dataset):
         return sha256_of_file(self.manifest_path)
 
     def __len__(self) -> int:
-        return self.images * (2 if self.flipped else 1)
+        return self.images * (2 if self.flipped else 1) if self._items is None else len(self._items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = operator.index(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"{self.source}: index {index} out of range [0, {len(self)})")
         index %= len(self)
+        if self._items is not None:
+            index = int(self._items[index])
         flipped, image = divmod(index, self.images)
         k = bisect.bisect_right(self._starts, image) - 1
         arrays, row = self._shard(k), image - self._starts[k]
@@ -237,6 +280,8 @@ class LatentCache(Dataset):
         if order.size and (order.min() < 0 or order.max() >= len(self)):
             bad = int(order.min() if order.min() < 0 else order.max())
             raise IndexError(f"{self.source}: index {bad} out of range [0, {len(self)})")
+        if self._items is not None:
+            order = self._items[order]
         flipped = order >= self.images
         image = order - self.images * flipped
         starts = np.asarray(self._starts)
@@ -257,7 +302,7 @@ class LatentCache(Dataset):
         """Shard ``k``'s arrays, memory-mapped on first use in this process."""
         if k not in self._mapped:
             self._mapped[k] = {kind: np.load(self.root / record["name"], mmap_mode="r")
-                               for kind, record in self._shards[k]["files"].items()}
+                               for kind, record in self._shards[k]["files"].items() if kind != CAPTIONS}
         return self._mapped[k]
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers map the shards themselves

@@ -12,6 +12,11 @@ A cached index is reused while the modification times of ``root`` and of every c
 recorded: adding, removing or renaming an image changes its folder's time, and the index is rebuilt.
 (Rewriting an image in place does not; :meth:`LazyImageFolder.fingerprint` does not see it either.)
 
+Captions (``metadata.jsonl`` or ``.txt`` side files, :mod:`ul_fast.data.folder`) are read when the index is built
+and kept in it; ``metadata.jsonl``'s size and modification time are part of what must be unchanged for a reuse.
+A ``.txt`` side file rewritten in place is not seen until the index is rebuilt (adding or removing any file of
+its folder, or deleting ``.ul_fast/index.json``, rebuilds it).
+
 In memory the index is two numpy arrays (paths as fixed-width bytes, labels as int32), not Python lists:
 DataLoader workers share them with the parent without the reference-count writes that copy lists page by page.
 """
@@ -29,11 +34,20 @@ from PIL import Image
 
 from ul_fast.files import write_json_atomically
 
-from .folder import list_image_folder, open_image, visible_entries
+from .caption_data import CaptionTable, apply_caption_policy
+from .folder import (
+    METADATA_FILE,
+    FolderListing,
+    open_image,
+    read_folder_captions,
+    relative_paths,
+    scan_image_folder,
+    visible_entries,
+)
 
 __all__ = ["INDEX_VERSION", "LazyImageFolder"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: captions
 _INDEX_FOLDER = ".ul_fast"  # hidden: the layout rules skip it
 _INDEX_NAME = "index.json"
 
@@ -70,12 +84,22 @@ def _mtimes(root: Path, class_names: list[str] | None) -> list[int]:
     return [os.stat(folder).st_mtime_ns for folder in folders]
 
 
+def _metadata_stat(root: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of ``root/metadata.jsonl``, None when there is none."""
+    try:
+        stat = os.stat(root / METADATA_FILE)
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _is_current(index: Any, root: Path) -> bool:
     """Whether a loaded index describes ``root`` as it is now."""
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or index.get("root") != str(root):
         return False
     try:
-        return _mtimes(root, index["classes"]) == index["mtimes_ns"]
+        return (_mtimes(root, index["classes"]) == index["mtimes_ns"]
+                and _metadata_stat(root) == index["metadata_stat"])
     except (OSError, KeyError, TypeError):  # a class folder is gone, or the file is not an index
         return False
 
@@ -93,12 +117,15 @@ def _read_index(path: Path, root: Path) -> dict[str, Any] | None:
 def _build_index(root: Path) -> dict[str, Any]:
     # Times are taken before listing, so a file added while listing makes the next start rebuild, not miss it.
     root_mtime = os.stat(root).st_mtime_ns
+    metadata = _metadata_stat(root)
     before = {e.name: e.stat().st_mtime_ns for e in visible_entries(root) if e.is_dir()}
-    class_names, files = list_image_folder(root)
+    listing = scan_image_folder(root)
+    captions = read_folder_captions(root, listing)
     # A class folder made while listing has no time from before: -1 never matches, so it is rebuilt next time.
-    mtimes = [root_mtime] + [before.get(name, -1) for name in class_names or []]
-    return {"version": INDEX_VERSION, "root": str(root), "mtimes_ns": mtimes, "classes": class_names,
-            "files": files}
+    mtimes = [root_mtime] + [before.get(name, -1) for name in listing.class_names or []]
+    return {"version": INDEX_VERSION, "root": str(root), "mtimes_ns": mtimes, "metadata_stat": metadata,
+            "classes": listing.class_names, "files": listing.files,
+            "captions": None if captions is None else captions.to_lists()}
 
 
 def _cached_index(root: Path, locations: list[Path]) -> tuple[dict[str, Any], Path | None, bool]:
@@ -118,14 +145,19 @@ class LazyImageFolder:
         root: the folder.
         channels: 1 (images converted to mode "L") or 3 ("RGB").
         cache_dir: where to cache the index when ``root`` is read-only (None: rebuild it on every start).
+        caption_policy: a text model's ``data.caption_policy`` for images without a caption (None: captions are
+            not required): ``skip`` leaves them out of the source.
 
     ``folder[i]`` is ``(image, label)``: a Pillow image at its stored size and the class index (-1 when
     unlabeled); it raises :class:`~ul_fast.data.errors.BadImageError` for bytes that do not decode.
-    Attributes: ``channels``, ``class_names`` (None when unlabeled), ``source`` (``folder-stream:<root>``),
-    ``index_path`` (where the index is cached, or None) and ``index_reused`` (whether it was read back).
+    Attributes: ``channels``, ``class_names`` (None when unlabeled), ``captions`` (a
+    :class:`~ul_fast.data.caption_data.CaptionTable` of the items, None when the folder has none),
+    ``source`` (``folder-stream:<root>``), ``index_path`` (where the index is cached, or None) and
+    ``index_reused`` (whether it was read back).
     """
 
-    def __init__(self, root: str | Path, channels: int, cache_dir: str | Path | None = None):
+    def __init__(self, root: str | Path, channels: int, cache_dir: str | Path | None = None,
+                 caption_policy: str | None = None):
         if channels not in (1, 3):
             raise ValueError(f"LazyImageFolder: channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         self.root = Path(root).resolve()
@@ -137,16 +169,24 @@ class LazyImageFolder:
         index, self.index_path, self.index_reused = _cached_index(self.root, [p for p in locations if p])
         self.class_names: list[str] | None = index["classes"]
         groups: list[list[str]] = index["files"]
+        paths = relative_paths(FolderListing(self.class_names, groups, [], False))
         if self.class_names is None:
-            paths = groups[0]
             labels = np.full(len(paths), -1, dtype=np.int32)
         else:
-            paths = [f"{name}/{file}" for name, names in zip(self.class_names, groups) for file in names]
             labels = np.repeat(np.arange(len(groups), dtype=np.int32), [len(names) for names in groups])
+        self.captions = None if index["captions"] is None else CaptionTable(index["captions"])
+        self.caption_report = None
+        if self.captions is not None and caption_policy is not None:
+            self.captions, kept, self.caption_report = apply_caption_policy(self.captions, caption_policy,
+                                                                            self.source, lambda i: paths[i])
+            if kept is not None:
+                paths, labels = [paths[i] for i in kept], labels[kept]
         self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)  # fixed-width bytes [N]
         self._labels = labels
-        digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-        self._fingerprint = f"{len(paths)}-{digest}"
+        digest = hashlib.sha256("\n".join(paths).encode())
+        if self.captions is not None:  # resuming on changed captions is an error too
+            digest.update(self.captions.digest().encode())
+        self._fingerprint = f"{len(paths)}-{digest.hexdigest()[:16]}"
 
     def __len__(self) -> int:
         return len(self._paths)

@@ -6,8 +6,9 @@ tensors, or a source of ready tensors with no transform). How it keeps its guara
 
 * **Order.** A batch sampler walks a copy of the consumer's :class:`BatchStream` and hands each batch's
   ``(epoch, index)`` keys to the workers; the DataLoader returns batches in sampler order. Each example's
-  augmentation draws from :func:`~ul_fast.data.augment.item_rng` ``(seed, epoch, index)``, so a batch does not
-  depend on the worker count or on what was prefetched.
+  augmentation draws from :func:`~ul_fast.data.augment.item_rng` ``(seed, epoch, index)``, and its caption (a
+  source with ``captions``) from :meth:`~ul_fast.data.caption_data.CaptionTable.draw` of the same triple, so a
+  batch does not depend on the worker count or on what was prefetched.
 * **Exact resume.** Workers run ahead by up to ``num_workers * prefetch_factor`` batches, but
   :meth:`StreamingBatches.state_dict` is the consumer's position: after the last batch :meth:`next_batch`
   returned. Restoring it restarts the workers there, so a resumed run sees exactly the batches an
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from ul_fast.config import BAD_IMAGE_POLICIES
 
 from .augment import item_rng
+from .caption_data import CaptionBatch, CaptionTable
 from .dataset import ImageArrayDataset, uint8_to_float
 from .errors import BadImageError
 from .stream import BatchStream
@@ -50,10 +52,12 @@ class BadImageWarning(UserWarning):
 
 
 class _Item(NamedTuple):
-    """One decoded example as a worker returns it: ``example`` None when ``error`` stopped it; ``bad``: the
-    ``(where, reason)`` of each undecodable example skipped on the way."""
+    """One decoded example as a worker returns it: ``example`` None when ``error`` stopped it; ``caption`` the one
+    drawn for this epoch (None for a source without captions); ``bad``: the ``(where, reason)`` of each undecodable
+    example skipped on the way."""
     example: torch.Tensor | None
     label: int
+    caption: str | None
     bad: tuple[tuple[str, str], ...]
     error: Exception | None
 
@@ -63,6 +67,7 @@ class _Examples(Dataset):
 
     def __init__(self, source: Sized, transform: Callable | None, seed: int, skip_bad: bool):
         self.source, self.transform, self.seed, self.skip_bad = source, transform, seed, skip_bad
+        self.captions: CaptionTable | None = getattr(source, "captions", None)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -77,19 +82,22 @@ class _Examples(Dataset):
                 bad.append((error.where, error.reason))
                 if self.skip_bad:
                     continue
-                return _Item(None, -1, tuple(bad), error)
+                return _Item(None, -1, None, tuple(bad), error)
             except OSError as error:  # never skipped: returned to be raised in the main process as it is
-                return _Item(None, -1, tuple(bad), error)
+                return _Item(None, -1, None, tuple(bad), error)
             if self.transform is not None:
                 example = self.transform(example, item_rng(self.seed, epoch, index))
-            return _Item(example, label, tuple(bad), None)
-        return _Item(None, -1, tuple(bad), BadImageError(getattr(self.source, "source", "the data"),
-                                                         f"none of its {n} examples decodes"))
+            # The caption of the image decoded (a replacement's own), drawn from the key's (seed, epoch, index).
+            caption = None if self.captions is None else self.captions.draw((index + step) % n, self.seed, epoch)
+            return _Item(example, label, caption, tuple(bad), None)
+        return _Item(None, -1, None, tuple(bad), BadImageError(getattr(self.source, "source", "the data"),
+                                                               f"none of its {n} examples decodes"))
 
 
 class _Batch(NamedTuple):
     examples: torch.Tensor | None  # [b, ...] (uint8 images [b, C, S, S]); None when ``error`` is set
     labels: torch.Tensor  # int64 [b]
+    captions: tuple[str, ...] | None  # one per example; None for a source without captions
     bad: tuple[tuple[str, str], ...]
     error: Exception | None
 
@@ -99,7 +107,8 @@ def _collate(items: list[_Item]) -> _Batch:
     error = next((item.error for item in items if item.error is not None), None)
     labels = torch.tensor([item.label for item in items], dtype=torch.int64)
     examples = None if error is not None else torch.stack([item.example for item in items])
-    return _Batch(examples, labels, bad, error)
+    captions = None if error is not None or items[0].caption is None else tuple(item.caption for item in items)
+    return _Batch(examples, labels, captions, bad, error)
 
 
 class _KeyBatches:
@@ -172,9 +181,11 @@ class StreamingBatches:
                             pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
         return iter(loader)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | CaptionBatch]:
         """This rank's share of the next global batch: ``(images float32 [b, C, S, S] in [-1, 1] (or the
-        source's float tensors as they are), labels int64 [b])``, both on ``device``."""
+        source's float tensors as they are), labels int64 [b])``, both on ``device``; for a source with captions,
+        a :class:`~ul_fast.data.caption_data.CaptionBatch` of the labels and one caption per example in place
+        of the labels."""
         if self._batches is None:
             self._batches = self._start()
         batch = next(self._batches)
@@ -190,7 +201,8 @@ class StreamingBatches:
         examples = batch.examples.to(self.device, non_blocking=True)
         if examples.dtype == torch.uint8:
             examples = uint8_to_float(examples)  # after the copy: a quarter of the bytes cross to the device
-        return examples, batch.labels.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        return examples, labels if batch.captions is None else CaptionBatch(labels, batch.captions)
 
     def _count_bad(self, bad: tuple[tuple[str, str], ...]) -> None:
         self.bad_images += len(bad)
@@ -223,11 +235,11 @@ def load_examples(source: Sized, transform: Callable, count: int, on_bad_image: 
     ``transform`` must not be random (a center crop, no flip: ``rng`` is None). Undecodable examples are
     skipped (``on_bad_image="skip"``, with a :class:`BadImageWarning` each) or raise (``"fail"``). Returns an
     :class:`ImageArrayDataset` of ``min(count, decodable examples)`` images, labelled when ``source`` has
-    ``class_names``.
+    ``class_names``, with their captions when it has ``captions``.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"load_examples: on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-    images, labels = [], []
+    images, labels, kept = [], [], []
     for i in range(len(source)):
         if len(images) == count:
             break
@@ -241,9 +253,12 @@ def load_examples(source: Sized, transform: Callable, count: int, on_bad_image: 
             continue
         images.append(transform(image))
         labels.append(label)
+        kept.append(i)
     if not images:
         raise ValueError(f"load_examples: no example of {getattr(source, 'source', 'the data')} decodes")
     class_names = getattr(source, "class_names", None)
+    captions = getattr(source, "captions", None)
     return ImageArrayDataset(uint8_to_float(torch.stack(images)),
                              torch.tensor(labels, dtype=torch.int64) if class_names is not None else None,
-                             class_names=class_names, source=getattr(source, "source", ""))
+                             class_names=class_names, source=getattr(source, "source", ""),
+                             captions=None if captions is None else captions.subset(kept))

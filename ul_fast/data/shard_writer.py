@@ -1,7 +1,8 @@
 """Writing WebDataset shards from any data the package reads (``ul-fast prepare-shards``).
 
-Each sample is a run of tar members sharing a zero-padded key: ``<key>.png`` or ``<key>.jpg`` (the image)
-and ``<key>.cls`` (its class index as ASCII digits, when labeled); shards are ``shard-000000.tar``, ...,
+Each sample is a run of tar members sharing a zero-padded key: ``<key>.png`` or ``<key>.jpg`` (the image),
+``<key>.cls`` (its class index as ASCII digits, when labeled) and ``<key>.txt`` (its captions, UTF-8, one per
+line, when it has some; a line break inside a caption becomes a space); shards are ``shard-000000.tar``, ...,
 written with WebDataset's own ``ShardWriter`` so that any WebDataset tool reads them. Beside the shards:
 ``classes.json`` (the class names, when known) and ``shards.json`` (the manifest: count, shards, channels,
 image format, source). :class:`ul_fast.data.shards.ShardSource` reads them back.
@@ -59,14 +60,25 @@ def _from_chw(pixels: torch.Tensor | np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc))
 
 
-def _array_samples(data: ImageArrayDataset, image_format: str, quality: int) -> Iterator[tuple[bytes, str, int]]:
-    """``(encoded image, extension, label)`` per image of an in-memory data set."""
+Sample = tuple[bytes, str, int, tuple[str, ...]]
+"""What is written of one example: ``(image bytes, extension, label, captions)``."""
+
+
+def _captions(data: Any, index: int) -> tuple[str, ...]:
+    """Example ``index``'s captions (none when the data has no captions)."""
+    captions = getattr(data, "captions", None)
+    return () if captions is None else captions.options(index)
+
+
+def _array_samples(data: ImageArrayDataset, image_format: str, quality: int) -> Iterator[Sample]:
+    """:data:`Sample` per image of an in-memory data set."""
     labels = data.labels.tolist() if data.labels is not None else [-1] * len(data)
     for start in range(0, len(data), _ENCODE_CHUNK):
         chunk = data.images[start:start + _ENCODE_CHUNK]
         pixels = float_to_uint8(chunk)  # exact for images that came from uint8 pixels
         for offset, chw in enumerate(pixels):
-            yield _encode(_from_chw(chw), image_format, quality), _FORMATS[image_format][0], labels[start + offset]
+            yield (_encode(_from_chw(chw), image_format, quality), _FORMATS[image_format][0], labels[start + offset],
+                   _captions(data, start + offset))
 
 
 def _keeps_bytes(source: Any) -> bool:
@@ -87,8 +99,8 @@ def _stored_bytes(source: Any, index: int) -> tuple[bytes, str]:
 
 
 def _source_samples(source: Any, image_format: str, quality: int, image_size: int | None,
-                    skipped: list[str]) -> Iterator[tuple[bytes, str, int]]:
-    """``(image bytes, extension, label)`` per decodable example of a decoded-image source.
+                    skipped: list[str]) -> Iterator[Sample]:
+    """:data:`Sample` per decodable example of a decoded-image source.
 
     Every example is decoded once, so that undecodable ones are found now (appended to ``skipped``, their
     :class:`BadImageError` re-raised when ``skipped`` is None) rather than during training. Stored PNG/JPEG
@@ -105,10 +117,10 @@ def _source_samples(source: Any, image_format: str, quality: int, image_size: in
             skipped.append(e.where)
             continue
         if copy:
-            yield *_stored_bytes(source, i), label
+            yield *_stored_bytes(source, i), label, _captions(source, i)
         else:
             image = image if transform is None else _from_chw(transform(image))
-            yield _encode(image, image_format, quality), _FORMATS[image_format][0], label
+            yield _encode(image, image_format, quality), _FORMATS[image_format][0], label, _captions(source, i)
 
 
 def _write_split(data: ImageArrayDataset | Any, directory: Path, *, max_count: int, max_bytes: int,
@@ -125,7 +137,7 @@ def _write_split(data: ImageArrayDataset | Any, directory: Path, *, max_count: i
     if isinstance(data, ImageArrayDataset):
         if image_size is not None:
             data = ImageArrayDataset(resize_images(data.images, image_size), data.labels, data.class_names,
-                                     data.source)
+                                     data.source, data.captions)
         samples = _array_samples(data, image_format, quality)
         stored = image_format
     else:
@@ -138,6 +150,7 @@ def _write_split(data: ImageArrayDataset | Any, directory: Path, *, max_count: i
     directory.mkdir(parents=True)
     counts: dict[str, int] = {}  # shard file name -> samples
     labeled = False
+    captioned = 0  # samples written with captions
     key_width = max(8, len(str(len(data) - 1)))
     # A fixed member mtime makes the same data give the same bytes. An int: a float (WebDataset's default,
     # time.time()) makes tarfile write a PAX header before every member, twice the headers to index.
@@ -145,11 +158,14 @@ def _write_split(data: ImageArrayDataset | Any, directory: Path, *, max_count: i
                                     verbose=0, mtime=0)
     try:
         with tqdm(total=len(data), desc=f"shards {split or ''}".strip(), unit="img", disable=not progress) as bar:
-            for index, (encoded, ext, label) in enumerate(samples):
+            for index, (encoded, ext, label, captions) in enumerate(samples):
                 sample = {"__key__": f"{index:0{key_width}d}", ext: encoded}
                 if label >= 0:
                     sample["cls"] = str(label).encode("ascii")
                     labeled = True
+                if captions:
+                    sample["txt"] = "\n".join(" ".join(c.splitlines()) for c in captions).encode("utf-8")
+                    captioned += 1
                 writer.write(sample)
                 name = Path(writer.fname).name  # the shard this sample went to
                 counts[name] = counts.get(name, 0) + 1
@@ -171,6 +187,7 @@ def _write_split(data: ImageArrayDataset | Any, directory: Path, *, max_count: i
         "image_size": image_size if image_size is not None else getattr(data, "image_size", None),
         "image_format": stored,
         "labeled": labeled,
+        "captioned": captioned,
         "split": split,
         "source": data.source,
         "shards": [{"name": name, "count": n} for name, n in counts.items()],

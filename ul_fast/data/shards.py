@@ -3,13 +3,14 @@
 Layout (what :func:`ul_fast.data.shard_writer.write_shards` writes, and what any WebDataset tool reads):
 ``<root>/*.tar``, each holding samples as consecutive members ``<key>.<ext>`` that share a key (the member
 name up to the first dot of its file name): one image (``png``, ``jpg`` or ``jpeg``), optionally its
-class index as ASCII digits (``cls``) and anything else (``json``, ``txt``: ignored here). An optional
+class index as ASCII digits (``cls``), its captions (``txt``: UTF-8, one caption per line; without one, the
+``caption`` string of a ``json`` member, as img2dataset writes it) and anything else (ignored). An optional
 ``<root>/classes.json`` (a JSON list of strings) names the classes.
 
 WebDataset's own reader only streams a shard from its start. Training here needs random access instead:
 the deterministic, resumable, rank-disjoint order of the batch stream picks any index at any time. So
 :class:`ShardSource` walks the tar headers once, records every sample's (shard, byte offset, byte size,
-label), and reads an image with one positioned read of exactly its bytes. The index is cached as JSON
+label, captions), and reads an image with one positioned read of exactly its bytes. The index is cached as JSON
 beside the shards (:data:`INDEX_NAME`) and reused while the shards' names, sizes and modification times
 are unchanged; a read-only shard folder just rebuilds it in memory on every start.
 """
@@ -32,6 +33,7 @@ from PIL import Image
 
 from ul_fast.files import write_json_atomically
 
+from .caption_data import CaptionTable, apply_caption_policy, caption_lines, decode_caption_bytes
 from .folder import decode_image
 
 __all__ = ["CLASSES_NAME", "IMAGE_EXTENSIONS", "INDEX_NAME", "MANIFEST_NAME", "ShardSource", "list_shards"]
@@ -41,7 +43,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 CLASSES_NAME = "classes.json"
 MANIFEST_NAME = "shards.json"  # written by ul_fast.data.shard_writer: count, shards, channels, source
 INDEX_NAME = "shards-index.json"
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: captions
 _MAX_OPEN_SHARDS = 64  # file descriptors one process keeps open (least recently used are closed)
 # WebDataset's key rule (webdataset.tariterators.base_plus_ext): the key is the path up to the first dot of
 # the file name, the extension everything after it.
@@ -74,17 +76,34 @@ def _shard_stats(shards: list[Path]) -> list[dict[str, Any]]:
     return stats
 
 
+def _json_caption(data: bytes, where: str) -> list[str] | None:
+    """The ``caption`` of a sample's ``json`` member (img2dataset's layout), None when it has none."""
+    try:
+        record = json.loads(decode_caption_bytes(data, where))
+    except ValueError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    caption = record.get("caption") if isinstance(record, dict) else None
+    if caption is None:
+        return None
+    if not isinstance(caption, str):
+        raise ValueError(f"{where}: \"caption\" must be a string, got {caption!r}")
+    return [caption.strip()] if caption.strip() else []
+
+
 def _index_shard(path: Path) -> dict[str, list]:
     """Walk one shard's tar headers: per sample its key, image extension, image data offset and size (bytes),
-    and label (-1 without a ``cls`` member)."""
+    label (-1 without a ``cls`` member) and captions (None without a ``txt`` member or a ``json`` caption)."""
     keys: list[str] = []
     exts: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
     labels: list[int] = []
+    captions: list[list[str] | None] = []
     current: str | None = None  # key of the sample being collected
     image: tuple[str, int, int] | None = None
     label = -1
+    text: list[str] | None = None  # the txt member's captions
+    from_json: list[str] | None = None  # the json member's caption
 
     def finish() -> None:
         if current is None:
@@ -97,6 +116,7 @@ def _index_shard(path: Path) -> dict[str, list]:
         offsets.append(image[1])
         sizes.append(image[2])
         labels.append(label)
+        captions.append(text if text is not None else from_json)
 
     try:
         with tarfile.open(path, "r:") as tar:  # uncompressed: headers are read, data is skipped by seeking
@@ -109,20 +129,25 @@ def _index_shard(path: Path) -> dict[str, list]:
                 key, ext = match.group(1), match.group(2).lower()
                 if key != current:
                     finish()
-                    current, image, label = key, None, -1
+                    current, image, label, text, from_json = key, None, -1, None, None
                 if ext in IMAGE_EXTENSIONS:
                     if image is not None:
                         raise ValueError(f"{path}: sample {key!r} has two images ({key}.{image[0]}, {member.name})")
                     image = (ext, member.offset_data, member.size)
                 elif ext == "cls":
-                    text = tar.extractfile(member).read().decode("ascii", errors="replace").strip()
-                    if not re.fullmatch(r"\d+", text):
-                        raise ValueError(f"{path}: {member.name} must hold a class index >= 0, got {text!r}")
-                    label = int(text)
+                    digits = tar.extractfile(member).read().decode("ascii", errors="replace").strip()
+                    if not re.fullmatch(r"\d+", digits):
+                        raise ValueError(f"{path}: {member.name} must hold a class index >= 0, got {digits!r}")
+                    label = int(digits)
+                elif ext == "txt":
+                    where = f"{path}:{member.name}"
+                    text = caption_lines(decode_caption_bytes(tar.extractfile(member).read(), where))
+                elif ext == "json":
+                    from_json = _json_caption(tar.extractfile(member).read(), f"{path}:{member.name}")
             finish()
     except tarfile.TarError as e:
         raise ValueError(f"{path}: not a readable tar file ({e})") from e
-    return {"keys": keys, "exts": exts, "offsets": offsets, "sizes": sizes, "labels": labels}
+    return {"keys": keys, "exts": exts, "offsets": offsets, "sizes": sizes, "labels": labels, "captions": captions}
 
 
 def _load_index(root: Path, shards: list[Path], stats: list[dict[str, Any]]) -> list[dict[str, list]]:
@@ -185,9 +210,12 @@ class ShardSource:
         root: the folder holding the shards.
         channels: 1 (every image converted to mode "L") or 3 ("RGB"); None takes ``channels`` from the
             manifest ``<root>/shards.json`` written with the shards, else 3.
+        caption_policy: a text model's ``data.caption_policy`` for samples without a caption (None: captions are
+            not required): ``skip`` leaves them out of the source.
 
     ``source[i]`` is ``(PIL.Image in mode L/RGB at its stored size, label)``, label -1 when the sample has no
-    ``cls`` member. Samples are numbered shard by shard in member order. Undecodable image bytes raise
+    ``cls`` member; ``source.captions`` the samples' :class:`~ul_fast.data.caption_data.CaptionTable` (None when
+    no sample has a caption). Samples are numbered shard by shard in member order. Undecodable image bytes raise
     :class:`~ul_fast.data.errors.BadImageError` naming ``<shard>:<member>``; a shard that shrank or cannot be
     read raises ``OSError``.
 
@@ -195,7 +223,7 @@ class ShardSource:
     (at most 64 at a time per object), so ``DataLoader`` workers, forked or spawned, read independently.
     """
 
-    def __init__(self, root: str | Path, channels: int | None = None) -> None:
+    def __init__(self, root: str | Path, channels: int | None = None, caption_policy: str | None = None) -> None:
         root = Path(root)
         if channels is None:
             channels = _manifest_channels(root)
@@ -225,6 +253,15 @@ class ShardSource:
             raise ValueError(f"ShardSource: label {int(self.labels.max())} in {root} has no name in "
                              f"{root / CLASSES_NAME} ({len(self.class_names)} names)")
         self._files: collections.OrderedDict[int, int] = collections.OrderedDict()  # shard -> fd, LRU order
+        per_sample = [captions for shard in index for captions in shard["captions"]]
+        self.captions = None if all(c is None for c in per_sample) else CaptionTable([c or [] for c in per_sample])
+        self.caption_report = None
+        if self.captions is not None and caption_policy is not None:
+            self.captions, kept, self.caption_report = apply_caption_policy(self.captions, caption_policy,
+                                                                            self.source, self.member_name)
+            if kept is not None:  # the samples left out are not items of this source
+                self._shard, self._offset, self._size = self._shard[kept], self._offset[kept], self._size[kept]
+                self.labels, self._member = self.labels[kept], self._member[kept]
 
     def __len__(self) -> int:
         return int(self._offset.shape[0])

@@ -17,6 +17,10 @@ Streamed from disk (:data:`STREAMING_KINDS`; a map-style source read example by 
 
 For ``folder:``, ``folder-stream:`` and ``shards:``, when ``<dir>/train`` and ``<dir>/test`` both exist,
 ``<dir>/<split>`` is used; otherwise ``<dir>`` serves both splits.
+
+Captions (text-to-image) come with ``folder:``/``folder-stream:`` (``metadata.jsonl`` or ``.txt`` side files),
+``shards:`` (``txt`` members) and ``latents:`` (the captions encoded with the cache): the data's ``captions``
+attribute, None when it has none (:mod:`ul_fast.data.caption_data`).
 """
 
 from __future__ import annotations
@@ -67,13 +71,15 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size: int = 32,
-                 channels: int | None = None, cache_dir: str | Path | None = None) -> ImageArrayDataset | Any:
+                 channels: int | None = None, cache_dir: str | Path | None = None,
+                 caption_policy: str | None = None) -> ImageArrayDataset | Any:
     """The ``split`` of the data named by ``spec`` (see module docstring): an :class:`ImageArrayDataset` at
     ``image_size``, or for a streaming spec its map-style source.
 
     ``channels``: None keeps the data's own channel count. Fashion-MNIST is grayscale (only 1 allowed);
     folders convert every image to it (default 3); arrays must already have it. ``cache_dir``: where a
-    ``folder-stream:`` index is cached when the folder is read-only (e.g. the run folder).
+    ``folder-stream:`` index is cached when the folder is read-only (e.g. the run folder). ``caption_policy``: a
+    text model's ``data.caption_policy`` for images without a caption (None: captions are not required).
     """
     if split not in ("train", "test"):
         raise ValueError(f"load_dataset: split must be 'train' or 'test', got {split!r}")
@@ -92,32 +98,34 @@ def load_dataset(spec: str = "fmnist-embedded", split: str = "train", image_size
             return load_embedded_fashion_mnist(split, image_size)
         return load_fashion_mnist_idx(arg or DEBIAN_FASHION_MNIST_ROOT, split, image_size)
     if kind == "folder" and arg:
-        return load_image_folder(_split_folder(Path(arg), split), image_size, 3 if channels is None else channels)
+        return load_image_folder(_split_folder(Path(arg), split), image_size, 3 if channels is None else channels,
+                                 caption_policy)
     if kind == "array" and arg:
         return load_array(arg, split=split, image_size=image_size, channels=channels)
     if kind == "folder-stream" and arg:
-        return LazyImageFolder(_split_folder(Path(arg), split), 3 if channels is None else channels, cache_dir)
+        return LazyImageFolder(_split_folder(Path(arg), split), 3 if channels is None else channels, cache_dir,
+                               caption_policy)
     if kind == "shards" and arg:
-        return ShardSource(_split_folder(Path(arg), split), channels)
-    if kind == "latents" and arg:
-        return LatentCache(arg, split=split)  # the run checks its encoder hash and latent shape
+        return ShardSource(_split_folder(Path(arg), split), channels, caption_policy)
+    if kind == "latents" and arg:  # the run checks its encoder hash and latent shape
+        return LatentCache(arg, split=split, caption_policy=caption_policy)
     raise ValueError(f"load_dataset: unknown data spec {spec!r}; accepted forms: {', '.join(DATASET_SPECS)}")
 
 
 def load_images(spec: str, split: str, image_size: int, channels: int | None = None, *,
                 stream_limit: int | None = None, cache_dir: str | Path | None = None,
-                on_bad_image: str = "skip") -> ImageArrayDataset:
+                on_bad_image: str = "skip", caption_policy: str | None = None) -> ImageArrayDataset:
     """The images of a split in memory, whatever the spec: what evaluation, distillation and the trainer's
     held-out set need.
 
     In-memory specs load as :func:`load_dataset` does. A streamed image source (``folder-stream:``, ``shards:``)
-    decodes its first ``stream_limit`` examples (all when None), center-cropped and resized to ``image_size``.
-    A latent cache (``latents:``) holds no pixels: its manifest names the image spec it was encoded from, which
-    is loaded instead.
+    decodes its first ``stream_limit`` examples (all when None), center-cropped and resized to ``image_size``,
+    with their captions. A latent cache (``latents:``) holds no pixels: its manifest names the image spec it was
+    encoded from, which is loaded instead.
     """
     if spec_kind(spec) == "latents":
         spec = LatentCache(spec.partition(":")[2], split=split).image_spec
-    data = load_dataset(spec, split, image_size, channels, cache_dir=cache_dir)
+    data = load_dataset(spec, split, image_size, channels, cache_dir=cache_dir, caption_policy=caption_policy)
     if isinstance(data, ImageArrayDataset):
         return data
     count = len(data) if stream_limit is None else min(stream_limit, len(data))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .caption_data import CaptionBatch
 from .dataset import ImageArrayDataset
 
 __all__ = ["BatchStream"]
@@ -106,22 +107,28 @@ class BatchStream:
         lo = self.rank * self.local_batch_size
         return epochs[lo:lo + self.local_batch_size], indices[lo:lo + self.local_batch_size]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | CaptionBatch]:
         """This rank's share of the next global batch of an in-memory data set.
 
         Returns ``(images [b, C, H, W] float32 in [-1, 1], labels [b] int64)``, ``b = batch_size //
-        world_size``; labels are -1 for unlabeled data.
+        world_size``; labels are -1 for unlabeled data. Captioned data gives a
+        :class:`~ul_fast.data.caption_data.CaptionBatch` in place of the labels: the labels and each example's
+        caption for its epoch (:meth:`~ul_fast.data.caption_data.CaptionTable.draw` of ``(seed, epoch, index)``).
         """
         if not isinstance(self.dataset, ImageArrayDataset):
             raise TypeError(f"BatchStream.next_batch gathers an in-memory ImageArrayDataset; "
                             f"{type(self.dataset).__name__} is read with ul_fast.data.StreamingBatches")
-        _, idx = self.next_items()
+        epochs, idx = self.next_items()
         images = self.dataset.images[idx]
         if self.dataset.labels is None:
             labels = torch.full((idx.numel(),), -1, dtype=torch.int64)
         else:
             labels = self.dataset.labels[idx]
-        return images, labels
+        captions = self.dataset.captions
+        if captions is None:
+            return images, labels
+        return images, CaptionBatch(labels, tuple(captions.draw(i, self.seed, e)
+                                                  for e, i in zip(epochs.tolist(), idx.tolist())))
 
     def __iter__(self):
         while True:

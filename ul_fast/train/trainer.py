@@ -167,11 +167,13 @@ class Trainer:
         first :data:`HELDOUT_IMAGES` test images (center crop, no flip) for evaluation; or both splits of a
         latent cache (stage 2 only)."""
         d, m = self.config.data, self.config.model
+        captions = d.caption_policy if m.context_dim else None  # a text model needs every training image's caption
         if self.from_latents:
             check_latent_training(self.config)
-            return tuple(load_dataset(d.dataset, split) for split in ("train", "test"))
+            return load_dataset(d.dataset, "train", caption_policy=captions), load_dataset(d.dataset, "test")
         cache_dir = self.run_dir / DATA_CACHE  # where a read-only image folder's file index is kept
-        train = load_dataset(d.dataset, "train", m.image_size, m.image_channels, cache_dir=cache_dir)
+        train = load_dataset(d.dataset, "train", m.image_size, m.image_channels, cache_dir=cache_dir,
+                             caption_policy=captions)
         test = load_images(d.dataset, "test", m.image_size, m.image_channels, stream_limit=HELDOUT_IMAGES,
                            cache_dir=cache_dir, on_bad_image=d.on_bad_image)
         return train, test
