@@ -20,7 +20,7 @@ EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-
 KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "spacing", "guidance", "seed",
         "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
         "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s",
-        "kid_subsets", "kid_subset_size"}
+        "kid_subsets", "kid_subset_size", "prompts", "negative_prompt", "adherence"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
            "bits_per_pixel_base")
 
