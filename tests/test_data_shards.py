@@ -6,7 +6,6 @@ import io
 import json
 import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from ul_fast.data import shards as shards_module
 from ul_fast.data.errors import BadImageError
 from ul_fast.data.shard_writer import prepare_shards, write_shards
 from ul_fast.data.shards import INDEX_NAME, ShardSource
+
+from archives import write_tar
 
 
 def _pixels(n: int, channels: int, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -52,17 +53,6 @@ def _png_bytes(value: int, size: int = 8) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (value, value, value)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar of ``(name, data)`` members in order, written with the standard library (no WebDataset)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # ---------------------------------------------------------------- round trip and layout
@@ -174,7 +164,7 @@ def test_read_only_folder_indexes_in_memory(tmp_path, monkeypatch):
 
 def test_undecodable_member_raises_bad_image_error_naming_shard_and_key(tmp_path):
     good = _png_bytes(200)
-    shard = _write_tar(tmp_path / "s" / "a.tar", [
+    shard = write_tar(tmp_path / "s" / "a.tar", [
         ("k0.png", good), ("k0.cls", b"1"),
         ("k1.png", b"not an image"), ("k1.cls", b"0"),
         ("k2.png", good[: len(good) // 2]),  # truncated
@@ -197,7 +187,7 @@ def test_undecodable_member_raises_bad_image_error_naming_shard_and_key(tmp_path
     ([("k0.png", b"x"), ("k0.cls", b"dog")], r"a\.tar: k0\.cls must hold a class index"),
 ])
 def test_malformed_shards_name_the_file(tmp_path, members, match):
-    _write_tar(tmp_path / "s" / "a.tar", members)
+    write_tar(tmp_path / "s" / "a.tar", members)
     with pytest.raises(ValueError, match=match):
         ShardSource(tmp_path / "s", channels=3)
 
@@ -216,7 +206,7 @@ def test_missing_empty_and_tarless_folders_are_errors(tmp_path):
     (tmp_path / "broken" / "x.tar").write_bytes(b"\x01" * 1000)
     with pytest.raises(ValueError, match=r"x\.tar: not a readable tar file"):
         ShardSource(tmp_path / "broken")
-    _write_tar(tmp_path / "labels" / "a.tar", [("k0.png", _png_bytes(1)), ("k0.cls", b"3")])
+    write_tar(tmp_path / "labels" / "a.tar", [("k0.png", _png_bytes(1)), ("k0.cls", b"3")])
     (tmp_path / "labels" / "classes.json").write_text('["a", "b"]')
     with pytest.raises(ValueError, match="label 3 .* has no name"):
         ShardSource(tmp_path / "labels")

@@ -29,6 +29,7 @@ from ul_fast.data import lazy_folder as lazy_folder_module
 from ul_fast.train import Trainer
 from ul_fast.train.metrics_log import read_metrics
 
+from interrupt import killed_and_resumed
 from micro import micro_config
 
 
@@ -302,10 +303,6 @@ def test_heldout_examples_in_memory_skip_bad_images(tmp_path):
 
 
 # ---------------------------------------------------------------- training
-class Killed(Exception):
-    """Raised in place of a step, as a kill would stop the run."""
-
-
 def test_a_run_on_a_streamed_folder_resumes_exactly(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "data", classes=10, per_class=2, size=(20, 16), mode="L")
     config = micro_config(data={"dataset": f"folder-stream:{root}", "num_workers": 2, "crop": "random",
@@ -314,19 +311,7 @@ def test_a_run_on_a_streamed_folder_resumes_exactly(tmp_path, monkeypatch):
                                  "batch_size": 8, "keep_last": 5})
     Trainer(config, tmp_path / "reference").fit()
 
-    real_step, calls = Trainer.train_step, []
-
-    def dies_at_step_3(self):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(Killed):
-        Trainer(config, tmp_path / "victim").fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    Trainer(config, tmp_path / "victim").fit(resume=True)
+    killed_and_resumed(config, tmp_path / "victim", monkeypatch, step=3)
     expected, got = read_metrics(tmp_path / "reference"), read_metrics(tmp_path / "victim")
     assert [(m["step"], m["loss"], m["bad_images"]) for m in got] == [(m["step"], m["loss"], 0) for m in expected]
     assert no_worker_left()
