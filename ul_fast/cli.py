@@ -448,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards = sub.add_parser(
         "prepare-shards", parents=[common], help="write a data set as WebDataset tar shards (data.dataset shards:DIR)",
         description="Write any data set ul-fast reads (--data, a data.dataset spec) as tar shards in the WebDataset "
-                    "layout (<key>.png|jpg, <key>.cls, classes.json, shards.json), train and test splits in "
-                    "OUT/train and OUT/test when the data has both. PNG/JPEG files are copied as stored unless "
-                    "--image-size asks for a resize. Written into OUT.partial and renamed when complete.")
+                    "layout (<key>.png|jpg, <key>.cls, <key>.txt captions, classes.json, shards.json), train and "
+                    "test splits in OUT/train and OUT/test when the data has both. PNG/JPEG files are copied as "
+                    "stored unless --image-size asks for a resize. Written into OUT.partial and renamed when complete.")
     shards.add_argument("--data", required=True, metavar="SPEC",
                         help="a data.dataset spec: fmnist[:DIR], fmnist-embedded, folder:DIR, folder-stream:DIR, "
                              "array:FILE, shards:DIR")
@@ -472,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode = sub.add_parser(
         "encode", parents=[common, running], help="write a latent cache of a data set with a run's frozen encoder",
         description="Encode every image of a data set (train and test splits) with a run's EMA encoder, z_clean = "
-                    "E(x) with no noise, into a latent cache: shards of .npy arrays with labels and a manifest that "
-                    "names the run and the encoder weights' hash. Stage 2 then trains from it (data.dataset "
-                    "latents:DIR) with no pixel decoding and no encoder forward per step. An interrupted encode "
-                    "resumes when run again with the same options.")
+                    "E(x) with no noise, into a latent cache: shards of .npy arrays with labels (and captions) and a "
+                    "manifest that names the run and the encoder weights' hash. Stage 2 then trains from it "
+                    "(data.dataset latents:DIR) with no pixel decoding and no encoder forward per step. An interrupted "
+                    "encode resumes when run again with the same options.")
     encode.add_argument("--run", required=True, help="run folder whose stage 1 is trained")
     encode.add_argument("--out", required=True, help="folder of the cache")
     encode.add_argument("--data", metavar="SPEC", help="data.dataset spec to encode (default: the run's own)")
