@@ -11,6 +11,7 @@ Writes (everything into ``OUT.partial``, renamed to ``OUT`` when complete):
   ``data.dataset: folder:OUT`` (or ``folder-stream:OUT``);
 * ``OUT/prompts.jsonl``: one prompt per ordered pair of distinct classes (90), each phrasing in turn, with its
   classes and whether it was held out: the input of ``ul-fast eval --prompts`` and ``ul-fast sample --prompts``;
+  ``OUT/prompts-reversed-negative.jsonl``: the same, each with the reverse order's caption as negative prompt;
 * ``OUT/pairs.json``: the layout, the held-out orders, the phrasings, counts, the source and seed, and the
   adherence of the real test pairs (the Fashion-MNIST classifier reading both halves of real images: the
   ceiling a generator can reach under this measure);
@@ -49,6 +50,9 @@ from ul_fast.eval.adherence import Prompt, pair_adherence
 from ul_fast.eval.feature_net import load_fmnist_classifier
 
 FORMAT = "ul_fast.fmnist_pairs.v1"
+REVERSED_NEGATIVE = "prompts-reversed-negative.jsonl"
+"""The prompts of ``prompts.jsonl``, each with its reverse order as negative prompt ("a sneaker to the left of a
+bag" for "a bag to the left of a sneaker"): guidance then pushes away from the swapped drawing."""
 
 
 def all_orders() -> list[tuple[int, int]]:
@@ -89,9 +93,11 @@ def write_split(folder: Path, images: torch.Tensor, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def eval_prompts(held_out: set[tuple[int, int]]) -> list[dict]:
-    """One prompt per order, phrasing ``k mod 5`` for the ``k``-th order, first noun phrases."""
-    return [{"text": pair_caption(a, b, k), "left": a, "right": b, "held_out": (a, b) in held_out}
+def eval_prompts(held_out: set[tuple[int, int]], negative: bool = False) -> list[dict]:
+    """One prompt per order, phrasing ``k mod 5`` for the ``k``-th order, first noun phrases; with ``negative``,
+    each with the reverse order's caption in the same phrasing as its negative prompt."""
+    return [{"text": pair_caption(a, b, k), "left": a, "right": b, "held_out": (a, b) in held_out,
+             **({"negative": pair_caption(b, a, k)} if negative else {})}
             for k, (a, b) in enumerate(all_orders())]
 
 
@@ -117,7 +123,8 @@ def build(out: Path, spec: str, train: int, test: int, held_out_count: int, seed
     write_split(staging / "train", train_images, train_rows)
     write_split(staging / "test", test_images, test_rows)
     prompts = eval_prompts(held_out)
-    (staging / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    for name, rows in (("prompts.jsonl", prompts), (REVERSED_NEGATIVE, eval_prompts(held_out, negative=True))):
+        (staging / name).write_text("".join(json.dumps(p) + "\n" for p in rows), encoding="utf-8")
     record = {
         "format": FORMAT, "image_size": PAIR_SIZE, "source": spec, "seed": seed,
         "layout": "each 28x28 garment resized to 16 wide x 28 high, rows 2..30, columns 0..16 (left) and 16..32 "

@@ -91,6 +91,8 @@ def test_adherence_of_a_hand_made_case_is_its_known_answer(readable, classifier)
     assert result["chance"] == CHANCE == 0.01
     assert result["seen"]["samples"] == 6 and result["seen"]["both"]["share"] == pytest.approx(4 / 6)
     assert result["seen"]["left"]["share"] == pytest.approx(4 / 6)
+    assert result["seen"]["reversed"]["share"] == pytest.approx(2 / 6)  # the swapped drawings
+    assert result["held_out"]["reversed"]["share"] == pytest.approx(3 / 4)
     assert result["held_out"]["samples"] == 4 and result["held_out"]["both"]["share"] == pytest.approx(1 / 4)
     assert result["all"]["samples"] == 10 and result["all"]["both"]["share"] == pytest.approx(0.5)
     assert result["all"]["both"]["se"] == pytest.approx((0.25 / 10) ** 0.5)

@@ -99,14 +99,14 @@ def _sample(args: argparse.Namespace) -> None:
     from ul_fast.data import Conditioning
     from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
-    from ul_fast.eval.adherence import read_prompts
+    from ul_fast.eval.adherence import negatives, read_prompts
     from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device, check_text_model
 
     check_device(args.device, "--device")
     if args.prompts is not None and (args.prompt is not None or args.label is not None):
         raise ValueError("--prompts gives every image its prompt: it does not go with --prompt or --label")
-    prompts = None if args.prompts is None else [p.text for p in read_prompts(args.prompts)]
+    prompts = None if args.prompts is None else read_prompts(args.prompts)
     n = args.n or (1 if prompts is not None else 64)  # with --prompts: images per prompt
     device = resolve_device(args.device)
     config, model = load_trained_model(args.run, device)
@@ -122,8 +122,9 @@ def _sample(args: argparse.Namespace) -> None:
         if args.label is not None and not 0 <= args.label < m.num_classes:
             raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
         if prompts is not None:
-            conditioning = Conditioning(m, device).for_captions([p for p in prompts for _ in range(n)],
-                                                                args.negative_prompt)
+            each = [p for p in prompts for _ in range(n)]
+            conditioning = Conditioning(m, device).for_captions([p.text for p in each],
+                                                                negatives(each, args.negative_prompt))
             columns = n if n > 1 else None
         else:
             conditioning, columns = Conditioning(m, device).for_request(n, args.prompt, args.label,
@@ -144,7 +145,7 @@ def _sample(args: argparse.Namespace) -> None:
                           guidance_interval=tuple(s.guidance_interval), **conditioning).float()
     save_grid(images, args.out, columns=columns)
     if prompts is not None:
-        folder = _write_prompt_images(images, prompts, n, Path(args.out))
+        folder = _write_prompt_images(images, [p.text for p in prompts], n, Path(args.out))
         print(f"wrote {len(prompts)} prompt(s) x {n} image(s) to {folder}/ (one file per prompt, index.json) and "
               f"their grid to {args.out}")
     else:
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image file of the grid; its extension picks the format (default samples.png)")
     sample.add_argument("--prompt", help="caption for a text-conditioned run, e.g. 'a photo of a sneaker'")
     sample.add_argument("--prompts", metavar="FILE",
-                        help="a text-conditioned run's prompts, one per line (UTF-8; or JSON Lines with \"text\"): "
+                        help="a text-conditioned run's prompts, one per line (UTF-8; or JSON Lines with \"text\" "
+                             "and optionally its own \"negative\" prompt): "
                              "writes one image file per prompt into the folder named after --out (OUT.png → "
                              "OUT/0001.png, …, with index.json) and their grid to --out")
     sample.add_argument("--negative-prompt", metavar="TEXT",
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random draw (default 0)")
     evaluate.add_argument("--prompts", metavar="FILE",
                           help="a text-conditioned run's samples take these prompts in turn (one per line, or JSON "
-                               "Lines with \"text\" and optional \"left\", \"right\", \"held_out\", as "
+                               "Lines with \"text\" and optional \"left\", \"right\", \"held_out\", \"negative\", as "
                                "scripts/make_fmnist_pairs.py writes prompts.jsonl); for Fashion-MNIST pairs, the "
                                "share of samples whose two halves the classifier reads as the prompt's classes "
                                "(adherence) is reported for seen and held-out orders")

@@ -17,6 +17,7 @@ a negative prompt takes its place when sampling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,9 +123,18 @@ class Conditioning:
                 inputs.update(self.null())
         return inputs
 
-    def for_captions(self, captions: list[str], negative_prompt: str | None = None) -> Inputs:
-        """A text model's inputs for one image per caption, with the null text (or the negative prompt's)."""
-        return {"labels": None, **self._text(self.encoder.encode(captions)), **self.null(negative_prompt)}
+    def for_captions(self, captions: list[str], negative_prompt: str | Sequence[str | None] | None = None) -> Inputs:
+        """A text model's inputs for one image per caption, with the null text, or the negative prompt's: one for
+        all images, or one per image (a sequence as long as ``captions``; None entries take the null caption)."""
+        inputs = {"labels": None, **self._text(self.encoder.encode(captions))}
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            return {**inputs, **self.null(negative_prompt)}
+        if len(negative_prompt) != len(captions):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(captions)} captions")
+        rows = [self.null(negative) or {"null_context": torch.zeros_like(inputs["context"][:1]),
+                                        "null_pooled": torch.zeros_like(inputs["pooled"][:1])}
+                for negative in negative_prompt]
+        return {**inputs, **{key: torch.cat([row[key] for row in rows]).to(self.device) for key in NULL_KEYS}}
 
     def grid_captions(self, n: int) -> list[str]:
         """Captions of an ``n``-image grid of a model trained on captioned data: the distinct first captions of
@@ -165,5 +175,6 @@ class Conditioning:
 
 
 def slice_inputs(inputs: Inputs, start: int, stop: int) -> Inputs:
-    """The inputs of images ``[start, stop)`` of a larger request: per-image entries sliced, the null text kept."""
-    return {k: v if v is None or k in NULL_KEYS else v[start:stop] for k, v in inputs.items()}
+    """The inputs of images ``[start, stop)`` of a larger request: per-image entries sliced, a null text of one row
+    (shared by every image) kept."""
+    return {k: v if v is None or (k in NULL_KEYS and v.shape[0] == 1) else v[start:stop] for k, v in inputs.items()}

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ul_fast.data import Conditioning, ImageArrayDataset
 from ul_fast.data.conditioning import slice_inputs
-from ul_fast.eval.adherence import Prompt, pair_adherence
+from ul_fast.eval.adherence import Prompt, negatives, pair_adherence
 from ul_fast.eval.feature_net import load_fmnist_classifier
 from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
 from ul_fast.eval.images import psnr
@@ -146,8 +146,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
     the set itself would all be the whole set, and KID's standard error would say nothing.
 
-    prompts: a text model's samples take prompt ``i % len(prompts)`` (guided away from ``negative_prompt``, or the
-    null caption); with classes named, their adherence is measured.
+    prompts: a text model's samples take prompt ``i % len(prompts)`` (guided away from the prompt's own negative, or
+    ``negative_prompt``, or the null caption); with classes named, their adherence is measured.
     """
     start_time = time.perf_counter()
     config = model.config
@@ -220,7 +220,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     if base_trained:
         per_sample = None if prompts is None else [prompts[i % len(prompts)] for i in range(samples)]
         if per_sample is not None:
-            inputs = conditioning.for_captions([p.text for p in per_sample], negative_prompt)
+            inputs = conditioning.for_captions([p.text for p in per_sample], negatives(per_sample, negative_prompt))
         elif negative_prompt is not None:
             inputs = {**conditioning.for_grid(samples)[0], **conditioning.null(negative_prompt)}
         else:
@@ -282,7 +282,8 @@ def format_table(result: dict[str, Any]) -> str:
             both = adherence[group]["both"]
             rows.append((f"adherence, {label}", f"{100 * both['share']:.1f} % ± {100 * both['se']:.1f} "
                                                  f"({adherence[group]['samples']} samples; chance "
-                                                 f"{100 * adherence['chance']:.0f} %)"))
+                                                 f"{100 * adherence['chance']:.0f} %; reversed "
+                                                 f"{100 * adherence[group]['reversed']['share']:.1f} %)"))
     width = max(len(name) for name, _ in rows)
     header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
