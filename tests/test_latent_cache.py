@@ -143,8 +143,8 @@ def test_given_latents_are_checked(run):
         model(None, stage=2)
     with pytest.raises(ValueError, match=r"z_clean must have shape \[B, 4, 4, 4\]"):
         model.stage2_loss(None, z_clean=torch.zeros(2, 4, 8, 8))
-    with pytest.raises(ValueError, match="non-finite"):
-        model.stage2_loss(None, z_clean=torch.full_like(z, float("nan")))
+    with pytest.raises(ValueError, match="non-finite"):  # the evaluation entry points read the values
+        model.latent_nats(None, z_clean=torch.full_like(z, float("nan")))
     with pytest.raises(ValueError, match="stage 1 trains the encoder"):
         model(images, stage=1, z_clean=z)
 
@@ -235,6 +235,22 @@ def test_damaged_shards_are_errors_naming_the_file(caches, tmp_path):
     (cache / MANIFEST).unlink()
     with pytest.raises(LatentCacheError, match=rf"{re.escape(str(cache / MANIFEST))} does not exist"):
         LatentCache(cache)
+
+
+def test_a_non_finite_latent_is_an_error_naming_the_item(caches, tmp_path):
+    """The training step does not read its input back to check it: the cache reader checks each batch on the CPU."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches / "fp32", cache)
+    latents = cache / "train-00000.latents.npy"
+    values = np.load(latents)
+    values[3, 1, 2, 2] = np.inf
+    np.save(latents, values)
+    reader = LatentCache(cache)
+    reader.batch([0, 1, 2])  # the items around it read as before
+    with pytest.raises(LatentCacheError, match=r"the latent of item 3 is not finite"):
+        reader.batch([0, 3, 5])
+    with pytest.raises(LatentCacheError, match=r"the latent of item 3 is not finite"):
+        reader[3]
 
 
 # ----------------------------------------------------------------------------- interrupted and repeated encodes

@@ -23,13 +23,14 @@ from ul_fast import ops
 from ul_fast.config import SINGLE_STAGE, ModelConfig
 from ul_fast.diffusion import (
     LogSNRSchedule,
-    antithetic_times,
-    clamped_logistic,
+    antithetic_times_from,
+    clamped_logistic_from,
     make_schedule,
     prior_kl,
     x_from_eps,
     x_from_v,
 )
+from ul_fast.model.draws import LossDraws, TermDraws, draw_term
 from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
 from ul_fast.sampling import graphed_module, logsnr_grid, sample
 
@@ -110,47 +111,53 @@ class UnifiedLatents(nn.Module):
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.config.latent_channels, self.latent_size, self.latent_size)
 
-    def check_images(self, x: torch.Tensor) -> None:
-        """Raise a clear error for images of the wrong shape or with non-finite pixels."""
+    def check_images(self, x: torch.Tensor, values: bool = True) -> None:
+        """Raise a clear error for images of the wrong shape or (``values``) with non-finite pixels.
+
+        The value check reads the device; the training losses skip it (``values=False``) so that a step never
+        waits for the GPU: the trainer's data are checked where they are loaded, and a non-finite loss skips
+        the step."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(x, 'shape', type(x))}")
         if tuple(x.shape[1:]) != self.image_shape:
             c, h, w = self.image_shape
             raise ValueError(f"images must have {c} channel(s) and size {h}x{w} (shape [B, {c}, {h}, {w}]), "
                              f"got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        if values and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("images contain non-finite pixels (NaN or inf)")
 
-    def check_latents(self, z_clean: torch.Tensor) -> None:
-        """Raise a clear error for given clean latents (e.g. from a latent cache) of the wrong shape or with
-        non-finite values."""
+    def check_latents(self, z_clean: torch.Tensor, values: bool = True) -> None:
+        """Raise a clear error for given clean latents (e.g. from a latent cache) of the wrong shape or
+        (``values``, see :meth:`check_images`) with non-finite values."""
         if not isinstance(z_clean, torch.Tensor) or z_clean.dim() != 4:
             raise ValueError(f"z_clean must be a [B, C_z, h, w] tensor, got {getattr(z_clean, 'shape', type(z_clean))}")
         if tuple(z_clean.shape[1:]) != self.latent_shape:
             raise ValueError(f"z_clean must have shape [B, {', '.join(map(str, self.latent_shape))}] (this model's "
                              f"latents), got {tuple(z_clean.shape)}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(z_clean).all()):
+        if values and not torch.compiler.is_compiling() and not bool(torch.isfinite(z_clean).all()):
             raise ValueError("z_clean contains non-finite values (NaN or inf)")
 
-    def _clean_latents(self, x: torch.Tensor | None, z_clean: torch.Tensor | None) -> torch.Tensor:
-        """``z_clean``: ``E(x)``, or the given latents (checked); exactly one of the two must be given. Nothing
-        is drawn from a generator here, so the random draws that follow are the same either way."""
+    def _clean_latents(self, x: torch.Tensor | None, z_clean: torch.Tensor | None, values: bool = True,
+                       ) -> torch.Tensor:
+        """``z_clean``: ``E(x)``, or the given latents (checked; ``values``: see :meth:`check_images`); exactly
+        one of the two must be given. Nothing is drawn here, so the random draws that follow are the same either
+        way."""
         if (x is None) == (z_clean is None):
             raise ValueError("give exactly one of x (images, encoded here) and z_clean (given clean latents)")
         if z_clean is None:
-            return self.encode(x)
-        self.check_latents(z_clean)
+            return self.encode(x, values)
+        self.check_latents(z_clean, values)
         return z_clean
 
     # ----------------------------------------------------------------------------- conditioning
     def drop_conditioning(self, labels: torch.Tensor | None, context: torch.Tensor | None,
-                          pooled: torch.Tensor | None, generator: torch.Generator | None,
+                          pooled: torch.Tensor | None, keep_uniforms: torch.Tensor,
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Classifier-free guidance training (the base model's loss): replace each example's condition by
-        the null one with probability ``label_dropout`` (null label = ``num_classes``; null text = zeros)."""
-        p = self.config.label_dropout
-        reference = next(t for t in (labels, context, pooled) if t is not None)
-        keep = torch.rand(reference.shape[0], device=reference.device, generator=generator) >= p
+        the null one with probability ``label_dropout`` (null label = ``num_classes``; null text = zeros).
+        ``keep_uniforms`` (fp32 ``[B]``, :attr:`LossDraws.keep`): an example keeps its condition where
+        ``keep_uniforms >= label_dropout``."""
+        keep = keep_uniforms >= self.config.label_dropout
         if labels is not None:
             labels = torch.where(keep, labels, torch.full_like(labels, self.config.num_classes))
         if context is not None:
@@ -160,9 +167,10 @@ class UnifiedLatents(nn.Module):
         return labels, context, pooled
 
     # ----------------------------------------------------------------------------- stage 1
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic ``z_clean = E(x)``: ``[B, C, H, W]`` → ``[B, C_z, h, w]``."""
-        self.check_images(x)
+    def encode(self, x: torch.Tensor, check_values: bool = True) -> torch.Tensor:
+        """Deterministic ``z_clean = E(x)``: ``[B, C, H, W]`` → ``[B, C_z, h, w]``. ``check_values``: reject
+        non-finite pixels (a read of the device; see :meth:`check_images`)."""
+        self.check_images(x, check_values)
         return self.encoder(x)
 
     def noisy_latent(self, z_clean: torch.Tensor, seed: torch.Tensor | None = None,
@@ -174,21 +182,22 @@ class UnifiedLatents(nn.Module):
         logsnrs = torch.full((z_clean.shape[0],), level, device=z_clean.device)
         return ops.noise_inject(z_clean, logsnrs, seed)[0]
 
-    def _diffusion_term(self, net: nn.Module, clean: torch.Tensor, schedule: LogSNRSchedule,
-                        generator: torch.Generator | None, *, loss_factor: float = 1.0, bias: float | None = None,
+    def _diffusion_term(self, net: nn.Module, clean: torch.Tensor, schedule: LogSNRSchedule, draws: TermDraws,
+                        *, loss_factor: float = 1.0, bias: float | None = None,
                         max_logsnr: torch.Tensor | None = None, **net_inputs) -> torch.Tensor:
         """Per-example ``½·(−dλ/dt)·w(λ)·‖ε − ε̂‖²`` (nats, ``[B]``) at antithetic times for one diffusion model.
 
         ``w(λ) = loss_factor·sigmoid(bias − λ)``; ``bias=None``: ``w = 1``, the unweighted ELBO.
         ``max_logsnr [B]`` truncates each example's ELBO to ``λ ≤ max_logsnr`` (single-stage training).
+        ``draws``: the times' offset and the noise seed (:func:`~ul_fast.model.draws.draw_term`).
         ``net_inputs`` go to ``net`` after ``(x_t, logsnr)``.
         """
-        t = antithetic_times(clean.shape[0], clean.device, generator)
+        t = antithetic_times_from(draws.u, clean.shape[0])
         logsnr = schedule.logsnr(t)
         rate = schedule.neg_dlogsnr_dt(t)
         if max_logsnr is not None:
             rate = rate * (logsnr <= max_logsnr).to(rate.dtype)
-        seed = ops.draw_seed(clean.device, generator)
+        seed = draws.seed
         noisy, _ = ops.noise_inject(clean, logsnr, seed)
         pred = net(noisy, logsnr, **net_inputs)
         return ops.diffusion_loss(pred.to(clean.dtype), clean, logsnr, rate, seed, self.config.prediction,
@@ -222,27 +231,32 @@ class UnifiedLatents(nn.Module):
         if network == "base" and self.sample_logsnr < self.latent_logsnr_0:
             max_logsnr = torch.full((z_clean.shape[0],), self.sample_logsnr, device=z_clean.device)
         kl = self._rate_kl(z_clean, network)
-        return self._latent_rate(z_clean, kl, network, generator, max_logsnr, **conditioning)
+        draws = None if self._rate_is_closed_form(network) else draw_term(z_clean.device, generator)
+        return self._latent_rate(z_clean, kl, network, draws, max_logsnr, **conditioning)
+
+    def _rate_is_closed_form(self, network: str) -> bool:
+        """True where the latent's rate is its KL alone (a normal prior): no diffusion term, nothing drawn."""
+        return network == "prior" and self.normal_prior
 
     def _rate_kl(self, z_clean: torch.Tensor, network: str) -> torch.Tensor:
         """The closed-form part of the latent's rate, per example in nats ``[B]``: all of it for a normal prior,
         ``KL[q(z_0|x) ‖ N(0, I)]`` at ``λ_z(0)``; else the diffusion ELBO's t = 1 KL at ``λ_z(1)``."""
-        if network == "prior" and self.normal_prior:
+        if self._rate_is_closed_form(network):
             return prior_kl(z_clean, self.latent_logsnr_0)
         return prior_kl(z_clean, self.config.latent_logsnr_min)
 
-    def _latent_rate(self, z_clean: torch.Tensor, kl: torch.Tensor, network: str,
-                     generator: torch.Generator | None, max_logsnr: torch.Tensor | None = None, **conditioning,
-                     ) -> torch.Tensor:
+    def _latent_rate(self, z_clean: torch.Tensor, kl: torch.Tensor, network: str, draws: TermDraws | None,
+                     max_logsnr: torch.Tensor | None = None, **conditioning) -> torch.Tensor:
         """The latent's rate per example in nats ``[B]`` (see :meth:`latent_nats`) given its :meth:`_rate_kl`
-        ``kl``: ``kl`` plus, for a diffusion model, its ELBO's integral (``max_logsnr [B]`` truncates it)."""
-        if network == "prior" and self.normal_prior:
+        ``kl``: ``kl`` plus, for a diffusion model, its ELBO's integral at ``draws`` (``max_logsnr [B]``
+        truncates it; a normal prior's rate is ``kl`` alone and takes ``draws=None``)."""
+        if self._rate_is_closed_form(network):
             return kl
         net = self.prior if network == "prior" else self.base
-        return self._diffusion_term(net, z_clean, self.latent_schedule, generator, max_logsnr=max_logsnr,
+        return self._diffusion_term(net, z_clean, self.latent_schedule, draws, max_logsnr=max_logsnr,
                                     **conditioning) + kl
 
-    def _decoder_loss(self, x: torch.Tensor, z_0: torch.Tensor, generator: torch.Generator | None,
+    def _decoder_loss(self, x: torch.Tensor, z_0: torch.Tensor, draws: TermDraws | None,
                       latent_logsnr: torch.Tensor | None) -> torch.Tensor:
         """The decoder's loss ``L_x`` per example in nats ``[B]``: the ``decoder_weighting``-weighted diffusion
         loss, or (``decoder_loss: mse``) the Gaussian negative log-likelihood ``−log N(x; x̂, s²·I)
@@ -253,7 +267,7 @@ class UnifiedLatents(nn.Module):
             return 0.5 * squared / scale**2 + x[0].numel() * math.log(scale * math.sqrt(2.0 * math.pi))
         weighting = self.config.decoder_weighting
         latent_inputs = {} if latent_logsnr is None else {"latent_logsnr": latent_logsnr}
-        return self._diffusion_term(self.decoder, x, self.pixel_schedule, generator, loss_factor=weighting.factor,
+        return self._diffusion_term(self.decoder, x, self.pixel_schedule, draws, loss_factor=weighting.factor,
                                     bias=weighting.bias, z_0=z_0, **latent_inputs)
 
     def _decoder_mean(self, z_0: torch.Tensor, latent_logsnr: torch.Tensor | None) -> torch.Tensor:
@@ -263,14 +277,39 @@ class UnifiedLatents(nn.Module):
         logsnr = torch.full((z_0.shape[0],), MSE_DECODER_LOGSNR, device=z_0.device)
         return self._to_denoised(x_t, self.decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
+    # ----------------------------------------------------------------------------- random draws
+    def draw_loss_randomness(self, stage: int, batch: int, device: torch.device | str,
+                             generator: torch.Generator | None = None, conditional: bool = False) -> LossDraws:
+        """Every random number that :meth:`stage1_loss` (``stage`` 1) or :meth:`stage2_loss` (2) uses on a batch
+        of ``batch`` examples, drawn from ``generator`` in the order the losses consume them (see
+        :mod:`ul_fast.model.draws`). ``conditional``: a condition is given (its dropout is drawn)."""
+        if stage == 1:
+            level = None
+            if self.single_stage:
+                level = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+            latent_seed = ops.draw_seed(device, generator)
+            keep = None
+            if self.single_stage and conditional:
+                keep = torch.rand(batch, device=device, generator=generator)
+            rate = None if self._rate_is_closed_form("prior") else draw_term(device, generator)
+            decoder = None if self.mse_decoder else draw_term(device, generator)
+            return LossDraws(latent_seed=latent_seed, latent_level=level, keep=keep, rate=rate, decoder=decoder)
+        if stage == 2:
+            keep = torch.rand(batch, device=device, generator=generator) if conditional else None
+            return LossDraws(keep=keep, rate=draw_term(device, generator))
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+    # ----------------------------------------------------------------------------- stage 1
     def stage1_loss(self, x: torch.Tensor, labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                     pooled: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    ) -> dict[str, torch.Tensor]:
+                    draws: LossDraws | None = None) -> dict[str, torch.Tensor]:
         """Stage-1 loss: the joint ``L = kl_weight·L_z + L_x`` of encoder, prior (or base model) and decoder.
 
         x: images ``[B, C, H, W]`` in [−1, 1]; labels ``[B]``, text ``context [B, T, E]`` and ``pooled
         [B, E]``: optional conditioning, read in single-stage mode only (dropped per example with probability
-        ``label_dropout`` for guidance); generator: drives every random draw.
+        ``label_dropout`` for guidance); generator: drives every random draw, unless ``draws`` gives them
+        (:meth:`draw_loss_randomness`; then nothing is drawn here: the loss compiles into one graph).
+        Pixels are checked for shape only (the values: where the data are loaded).
 
         Returns scalars (batch means): ``loss``; ``prior_nats`` (``L_z`` per image, :meth:`latent_nats`
         ``"prior"``: the unweighted prior ELBO on ``[λ_z(1), λ_z(0)]`` plus the t = 1 KL, an upper bound on the
@@ -287,23 +326,27 @@ class UnifiedLatents(nn.Module):
         ``bits_per_pixel`` is then that truncated ELBO's, not the rate of the latent decoded at sampling
         (``λ_z(0)``): that one is :meth:`latent_nats` ``"base"``, which the trainer's evaluation reports.
         """
-        z_clean = self.encode(x)
+        self.check_images(x, values=False)
+        conditional = any(c is not None for c in (labels, context, pooled))
+        if draws is None:
+            draws = self.draw_loss_randomness(1, x.shape[0], x.device, generator, conditional)
+        z_clean = self.encoder(x)
         rate_input = z_clean.detach() if self.config.prior_stop_grad else z_clean
         rate_network = "base" if self.single_stage else "prior"
         # The KL before z_0: this fixes the order in which gradients reach z_clean (and so their rounding).
         latent_kl = self._rate_kl(rate_input, rate_network)
         latent_logsnr, conditioning = None, {}
         if self.single_stage:
-            latent_logsnr = clamped_logistic(x.shape[0], self.config.base_bias, self.latent_logsnr_0, x.device,
-                                             generator)
-            z_0 = ops.noise_inject(z_clean, latent_logsnr, ops.draw_seed(x.device, generator))[0]
-            if any(c is not None for c in (labels, context, pooled)):
-                labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
+            latent_logsnr = clamped_logistic_from(draws.latent_level, self.config.base_bias, self.latent_logsnr_0)
+            z_0 = ops.noise_inject(z_clean, latent_logsnr, draws.latent_seed)[0]
+            if conditional:
+                labels, context, pooled = self.drop_conditioning(labels, context, pooled, draws.keep)
             conditioning = {"labels": labels, "context": context, "pooled": pooled}
         else:
-            z_0 = self.noisy_latent(z_clean, generator=generator)
-        prior_nats = self._latent_rate(rate_input, latent_kl, rate_network, generator, latent_logsnr, **conditioning)
-        decoder_loss = self._decoder_loss(x, z_0, generator, latent_logsnr)
+            z_0 = self.noisy_latent(z_clean, seed=draws.latent_seed)
+        prior_nats = self._latent_rate(rate_input, latent_kl, rate_network, draws.rate, latent_logsnr,
+                                       **conditioning)
+        decoder_loss = self._decoder_loss(x, z_0, draws.decoder, latent_logsnr)
         prior_mean = prior_nats.mean()
         pixels = self.config.image_size * self.config.image_size
         return {
@@ -319,7 +362,7 @@ class UnifiedLatents(nn.Module):
     def stage2_loss(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
                     context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                     generator: torch.Generator | None = None, *, z_clean: torch.Tensor | None = None,
-                    ) -> dict[str, torch.Tensor]:
+                    draws: LossDraws | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 loss: the base model on frozen ``z_clean = E(x)``.
 
         Arguments as for :meth:`stage1_loss`; the conditioning given is dropped per example with
@@ -331,10 +374,13 @@ class UnifiedLatents(nn.Module):
         equal to ``E(x)`` the loss is bit for bit the one from ``x``.
         """
         with torch.no_grad():
-            z_clean = self._clean_latents(x, z_clean)
-        if any(t is not None for t in (labels, context, pooled)):
-            labels, context, pooled = self.drop_conditioning(labels, context, pooled, generator)
-        loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, generator, bias=self.config.base_bias,
+            z_clean = self._clean_latents(x, z_clean, values=False)
+        conditional = any(t is not None for t in (labels, context, pooled))
+        if draws is None:
+            draws = self.draw_loss_randomness(2, z_clean.shape[0], z_clean.device, generator, conditional)
+        if conditional:
+            labels, context, pooled = self.drop_conditioning(labels, context, pooled, draws.keep)
+        loss = self._diffusion_term(self.base, z_clean, self.latent_schedule, draws.rate, bias=self.config.base_bias,
                                     labels=labels, context=context, pooled=pooled)
         return {"loss": loss.mean(), "base_loss": loss.mean().detach()}
 
@@ -342,15 +388,15 @@ class UnifiedLatents(nn.Module):
     def forward(self, x: torch.Tensor | None, labels: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, stage: int = 1, *, z_clean: torch.Tensor | None = None,
-                ) -> dict[str, torch.Tensor]:
+                draws: LossDraws | None = None) -> dict[str, torch.Tensor]:
         """:meth:`stage1_loss` or :meth:`stage2_loss` (``stage`` 1 or 2) with the same arguments; a forward
         so that DDP and FSDP can wrap the model. Stage 2 takes given latents as ``z_clean`` (with ``x=None``)."""
         if stage == 1:
             if z_clean is not None:
                 raise ValueError("stage 1 trains the encoder: it takes images x, not given latents z_clean")
-            return self.stage1_loss(x, labels, context, pooled, generator)
+            return self.stage1_loss(x, labels, context, pooled, generator, draws)
         if stage == 2:
-            return self.stage2_loss(x, labels, context, pooled, generator, z_clean=z_clean)
+            return self.stage2_loss(x, labels, context, pooled, generator, z_clean=z_clean, draws=draws)
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
     # ----------------------------------------------------------------------------- sampling
