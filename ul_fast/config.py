@@ -157,7 +157,13 @@ class TrainConfig:
     grad_accumulation: int = 1
     ema_decay: float = 0.999
     precision: str = "auto"
+    # torch.compile of each stage's whole loss (networks, ops and losses) as one graph (fullgraph=True).
     compile: bool = False
+    # CUDA: capture each stage's whole step (forward, backward, clipping, AdamW, EMA) once per input shape and
+    # replay it; one process only. A capture that fails warns once and the step runs eagerly.
+    cuda_graph: bool = False
+    # Dense bf16 peak TFLOP/s of one device, for the logged mfu; 0: from ul_fast.train.flops.PEAK_TFLOPS.
+    peak_tflops: float = 0.0
     log_every: int = 50
     eval_every: int = 500
     eval_images: int = 16
@@ -537,6 +543,8 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.keep_last >= 1, "train.keep_last must be >= 1")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+    _require(math.isfinite(t.peak_tflops) and t.peak_tflops >= 0,
+             f"train.peak_tflops must be >= 0 (0: the card's entry in the peak table), got {t.peak_tflops}")
     _require(t.stage1_steps > 0 or not t.stage2_steps or t.init_from is not None,
              "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
     _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GraphedCall", "graphed_module"]
+__all__ = ["GraphedCall", "graphed_module", "release_generator_from_failed_capture"]
 
 
 @dataclass
@@ -114,7 +114,7 @@ class GraphedCall:
                     output = self.fn(*inputs)
         except Exception as error:  # capture is an optimisation: fall back, say why once
             torch.cuda.synchronize(device)
-            _release_generator_from_failed_capture(device)
+            release_generator_from_failed_capture(device)
             return self._give_up(f"{type(error).__name__}: {error}".splitlines()[0][:300])
         if not isinstance(output, torch.Tensor):
             return self._give_up(f"the captured function returned {type(output).__name__}, not a tensor")
@@ -127,7 +127,7 @@ class GraphedCall:
                       stacklevel=4)
 
 
-def _release_generator_from_failed_capture(device: torch.device) -> None:
+def release_generator_from_failed_capture(device: torch.device) -> None:
     """Give ``device``'s default CUDA generator a fresh state (not in capture mode) with its seed and offset.
 
     Random ops inside a capture advance only the capture's own offset, so the generator's offset is what it was

@@ -50,7 +50,7 @@ from ul_fast.train.checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from ul_fast.train.ema import ema_decay_at, make_ema_model, update_ema
+from ul_fast.train.ema import EmaUpdater, ema_decay_at, make_ema_model
 from ul_fast.train.metrics_log import MetricsLog
 from ul_fast.train.run_folder import RunLock, check_new_run, clear_run
 
@@ -271,7 +271,7 @@ class Distiller:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.settings.grad_clip)
         self.optimizer.step()
-        update_ema(self.ema, self.student, ema_decay_at(self.round_step, self.settings.ema_decay), ("",))
+        EmaUpdater(self.ema, self.student, ("",))(1.0 - ema_decay_at(self.round_step, self.settings.ema_decay))
         return loss.item()
 
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
