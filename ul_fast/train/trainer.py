@@ -385,14 +385,21 @@ class Trainer:
         """The next micro-batch on the device: its examples, conditioning (stage 2 and single-stage) and the
         loss's random draws from this rank's generator (drawn in the order the losses always consumed them)."""
         examples, labels = self.stream.next_batch()
-        examples = examples.to(self.device, non_blocking=True)
-        conditioning = self.conditioning.for_batch(labels.to(self.device, non_blocking=True)) if self.uses_base else {}
+        examples, labels = self._to_device(examples), self._to_device(labels)
+        conditioning = self.conditioning.for_batch(labels) if self.uses_base else {}
         conditional = any(value is not None for value in conditioning.values())
         draws = self.model.draw_loss_randomness(self.stage, examples.shape[0], self.device, self.generator,
                                                 conditional)
         images, z_clean = (None, examples) if self.from_latents else (examples, None)
         return MicroBatch(images, z_clean, conditioning.get("labels"), conditioning.get("context"),
                           conditioning.get("pooled"), draws)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the training device without waiting for it: a copy from pageable host memory would block
+        the host until the GPU has run everything queued before it, so a CPU batch is pinned first."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients in backward; with gradient accumulation only the last micro-step's
