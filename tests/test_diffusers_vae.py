@@ -16,6 +16,7 @@ from ul_fast.diffusion import alpha_sigma, prior_kl  # noqa: E402
 from ul_fast.train import Trainer, load_trained_model  # noqa: E402
 
 from micro import micro_config  # noqa: E402
+from readme_blocks import run_block  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_decode_is_uls_diffusion_decoder(run, vae):
     assert torch.equal(per_image[1:], model.decode(z[1:2], 3, "ddim", torch.Generator().manual_seed(6)))
     with pytest.raises(ValueError, match=r"\[B, 4, 4, 4\]"):
         vae.decode(torch.zeros(1, 4, 8, 8))
-    assert vae.config.scaling_factor == 1.0 and vae.config.latent_channels == 4 and vae.config.sample_size == 16
+    assert vae.config.latent_channels == 4 and vae.config.sample_size == 16
 
 
 def test_save_pretrained_and_from_pretrained_round_trip(vae, tmp_path):
@@ -101,8 +102,11 @@ def test_a_diffusers_unet_trains_on_ul_latents_and_samples_through_the_decoder(v
     scheduler = DDPMScheduler(num_train_timesteps=100)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     x = images(8)
+    vae.register_to_config(scaling_factor=vae.estimate_scaling_factor(x, torch.Generator().manual_seed(1)))
     with torch.no_grad():
-        latents = vae.encode(x).latent_dist.sample() * c.scaling_factor
+        latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(1)) * vae.config.scaling_factor
+    # The same draws, scaled by 1/std: unit std up to fp32 rounding of the 512-element std (≤ 512 ulps).
+    assert latents.std().item() == pytest.approx(1.0, rel=512 * torch.finfo(torch.float32).eps)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
     losses = []
@@ -121,7 +125,7 @@ def test_a_diffusers_unet_trains_on_ul_latents_and_samples_through_the_decoder(v
     with torch.no_grad():
         for t in scheduler.timesteps:
             sample = scheduler.step(unet(sample, t).sample, t, sample).prev_sample
-        decoded = vae.decode(sample / c.scaling_factor, generator=torch.Generator().manual_seed(0)).sample
+        decoded = vae.decode(sample / vae.config.scaling_factor, generator=torch.Generator().manual_seed(0)).sample
     assert decoded.shape == (2, 1, 16, 16) and bool(torch.isfinite(decoded).all()) and decoded.abs().max() <= 1
 
 
@@ -132,3 +136,8 @@ def test_without_diffusers_the_import_names_the_extra(monkeypatch):
         importlib.import_module("ul_fast.api.diffusers_vae")
     monkeypatch.undo()
     assert importlib.import_module("ul_fast.api.diffusers_vae").AutoencoderUL is AutoencoderUL
+
+
+def test_the_readme_diffusers_block_runs(tmp_path, monkeypatch):
+    run_block("### diffusers: UL's autoencoder as a drop-in VAE", tmp_path, monkeypatch)
+    assert (tmp_path / "ul-vae" / "config.json").is_file()

@@ -14,8 +14,10 @@ so a diffusers training or sampling script swaps its VAE for UL's::
   N(0, I). ``z_clean`` itself is ``latent_dist.z_clean``.
 * ``decode(z).sample`` runs UL's diffusion decoder (``config.decoder_steps`` steps of ``config.sampler``, or
   ``num_inference_steps``), noise from ``generator``: the images are samples, not a deterministic function of z.
-* ``config.scaling_factor`` defaults to 1: UL's latent is trained under a diffusion prior whose terminal KL is to
-  N(0, I), so it is already on the unit scale ul_fast's own base model trains on (unscaled).
+* ``config.scaling_factor`` defaults to 1: the latents as ul_fast's own base model trains on them, unscaled (its
+  schedule reaches λ = −15, where their scale no longer matters). UL does not make them unit-variance (the
+  shipped fmnist-tiny's ``z_0`` has std 0.24): for a scheduler built for unit-variance data, set it to
+  :meth:`AutoencoderUL.estimate_scaling_factor` of your training images, as Stable Diffusion's VAE does.
 * ``save_pretrained(DIR)`` / ``from_pretrained(DIR)`` are diffusers' own (config.json and
   diffusion_pytorch_model.safetensors); the folder holds the encoder and decoder only. Weights in bf16 or fp16
   (``torch_dtype=``, ``.to(dtype)``) compute under autocast and return images in that dtype.
@@ -146,6 +148,16 @@ class AutoencoderUL(ModelMixin, ConfigMixin):
                 images = self.ul.decode(z, steps, self.config.sampler, generator, spacing=self.config.spacing)
         images = images.to(self.dtype)
         return DecoderOutput(sample=images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def estimate_scaling_factor(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                                batch_size: int = 256) -> float:
+        """``1 / std`` of posterior samples ``z_0`` of ``images`` (all elements pooled): the ``scaling_factor`` that
+        gives the scaled latents unit variance (Rombach et al. 2022, §4.3.2). Set it with
+        ``vae.register_to_config(scaling_factor=vae.estimate_scaling_factor(images))``."""
+        samples = torch.cat([self.encode(images[a:a + batch_size]).latent_dist.sample(generator).float()
+                             for a in range(0, len(images), batch_size)])
+        return float(1.0 / samples.std())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Weights cast to bf16/fp16 (``.to(dtype)``, ``torch_dtype=``) compute under autocast: UL's samplers keep

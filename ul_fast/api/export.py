@@ -194,9 +194,11 @@ def _read_eval(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except ValueError as error:
         raise ExportError(f"{path} is not valid JSON ({error}); rerun ul-fast eval or remove it") from None
+    record.pop("run", None)  # the run's path on the machine that evaluated it; the manifest names the run
+    return record
 
 
 EVAL_ROWS = (("rFD", "rfd"), ("rKID", "rkid"), ("PSNR (dB)", "psnr"), ("gFD", "gfd"), ("gKID", "gkid"),
@@ -264,9 +266,10 @@ def model_card(name: str, manifest: dict[str, Any], config: Config, notes: str =
         "",
         "```python",
         "import ul_fast",
-        f'model = ul_fast.load("{name}")          # this folder',
-        "z = model.encode(images)                  # z_clean; images: tensor in [-1, 1], uint8 array or PIL",
-        "x = model.decode(model.encode(images, noisy=True, seed=0), seed=0)",
+        "",
+        f'model = ul_fast.load("{name}")  # the path of this folder (a shipped model: its name)',
+        "z = model.encode(images)  # z_clean; images: a tensor in [-1, 1], a uint8 array or PIL images",
+        "x = model.decode(model.encode(images, noisy=True, seed=0), seed=0)  # UL's diffusion decoder",
         "```",
         "",
         "Files and their SHA-256 are listed in `manifest.json`; loading verifies them.",
