@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data, text, evaluation, devices, files",
      ("ul_fast.data", "ul_fast.text", "ul_fast.eval", "ul_fast.devices", "ul_fast.files")),
     ("training", ("ul_fast.train",)),
+    ("public API", ("ul_fast.api",)),
     ("entry points", ("ul_fast.cli", "ul_fast._build_info", "ul_fast")),
 )
 """Lowest first. A module belongs to the layer of the longest prefix that names it (``ul_fast`` itself, the

@@ -135,7 +135,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_help_describes_every_option_of_every_command():
     parser = cli.build_parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"train", "sample", "eval", "distill", "prepare-shards", "encode", "plot", "info"}
+    assert set(commands) == {"train", "sample", "eval", "distill", "export", "prepare-shards", "encode", "plot", "info"}
     for name, command in [("ul-fast", parser), *commands.items()]:
         assert command.description, name
         for action in command._actions:

@@ -1,4 +1,4 @@
-"""``ul-fast`` command line: train, sample, eval, distill, prepare-shards, encode, plot, info.
+"""``ul-fast`` command line: train, sample, eval, distill, export, prepare-shards, encode, plot, info.
 
 A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
 and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
@@ -19,6 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ul_fast.api.export import DTYPES, PARTS
 from ul_fast.config import DEVICE_PATTERN, preset_names
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
@@ -72,41 +73,19 @@ def _train(args: argparse.Namespace) -> None:
         print(f"run written to {run_dir}")
 
 
-def _base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> bool:
-    """Whether the base model of a run has trained: in single_stage mode stage 1 trains it; in two_stage mode
-    once the run's newest readable checkpoint is in stage 2, or the run it was initialised from had one."""
-    from ul_fast.config import SINGLE_STAGE, ConfigError, load_config
-    from ul_fast.train.checkpoint import CheckpointError, CheckpointWarning, load_state, newest_readable_checkpoint
-
-    config = load_config(str(Path(run_dir) / "config.yaml"))
-    if config.model.mode == SINGLE_STAGE:
-        return True
-    with warnings.catch_warnings():  # a skipped checkpoint was already reported when the weights were read
-        warnings.simplefilter("ignore", CheckpointWarning)
-        _, state = newest_readable_checkpoint(run_dir, load_state)
-    if state["stage"] == 2 and state["stage_step"] > 0:
-        return True
-    if config.train.init_from is None:
-        return False
-    source = Path(config.train.init_from).resolve()
-    try:  # a stage-1 run initialised from another run has that run's base model
-        return source not in seen and _base_model_trained(source, (*seen, Path(run_dir).resolve()))
-    except (CheckpointError, ConfigError):  # that run is gone: trust the weights, as before this check
-        return True
-
-
 def _sample(args: argparse.Namespace) -> None:
+    from ul_fast.api import open_model
     from ul_fast.data import Conditioning
     from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
-    from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device
 
     check_device(args.device, "--device")
     device = resolve_device(args.device)
-    config, model = load_trained_model(args.run, device)
+    opened = open_model(args.run, device)  # a run folder, an exported folder or a shipped model's name
+    config, model = opened.config, opened.model
     m, s = config.model, config.sample
-    if _base_model_trained(args.run):
+    if opened.base_model_trained:
         if args.prompt is not None and not m.context_dim:
             raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
         if args.prompt is None and m.context_dim:
@@ -115,6 +94,9 @@ def _sample(args: argparse.Namespace) -> None:
             raise ValueError(f"--label must be in [0, {m.num_classes}), got {args.label}")
         conditioning, columns = Conditioning(m, device).for_request(args.n, args.prompt, args.label)
     else:  # the latents of the stage-1 prior decode to images too: better than the noise of an untrained base
+        if model.prior is None and not model.normal_prior:
+            raise ValueError(f"{args.run} has no base model and no prior (networks: {', '.join(opened.networks)}): "
+                             f"nothing to sample; export the run with --part all")
         if args.prompt is not None or args.label is not None:
             raise ValueError(f"{args.run} has no trained base model (stage 2 has not run), and its stage-1 prior is "
                              f"unconditional: drop --label and --prompt to sample from the prior")
@@ -132,16 +114,17 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from ul_fast.api import open_model
     from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
     from ul_fast.devices import resolve_device
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
     from ul_fast.files import write_json_atomically
-    from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device
 
     check_device(args.device, "--device")
     device = resolve_device(args.device)
-    config, model = load_trained_model(args.run, device)
+    opened = open_model(args.run, device)  # a run folder, an exported folder or a shipped model's name
+    config, model = opened.config, opened.model
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
     train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
@@ -152,13 +135,16 @@ def _eval(args: argparse.Namespace) -> None:
                             decoder_steps=args.decoder_steps or s.decoder_steps,
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
-                            base_trained=_base_model_trained(args.run), features=args.features,
+                            base_trained=opened.base_model_trained, features=args.features,
                             progress=not args.no_progress)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
     record = {"run": str(args.run), "dataset": config.data.dataset, **result}
-    path = write_json_atomically(Path(args.run) / EVAL_FILE, record)
     print(format_table(result))
+    if opened.kind == "shipped":  # its folder is part of the installed package: left as installed
+        print(f"ul-fast: note: {args.run} is a shipped model: {EVAL_FILE} not written", file=sys.stderr)
+        return
+    path = write_json_atomically(opened.path / EVAL_FILE, record)
     print(f"wrote {path}")
 
 
@@ -180,6 +166,14 @@ def _distill(args: argparse.Namespace) -> None:
     out = Distiller(settings, args.out, resolve_device(args.device), progress=not args.no_progress).run(
         resume=args.resume, overwrite=args.overwrite)
     print(f"distilled decoder ({args.from_steps} → {args.to_steps} steps) written to {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ul_fast.api import export_run
+
+    out = export_run(args.run, args.out, part=args.part, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.run} ({args.part}, {args.dtype}) to {out}; load it with ul_fast.load({str(out)!r}) or "
+          f"ul-fast sample --run {out}")
 
 
 def _prepare_shards(args: argparse.Namespace) -> None:
@@ -328,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", parents=[common, sampling, running], help="sample images from a trained run",
         description="Generate a grid of images with a run's newest checkpoint (EMA weights): the base model's "
                     "latents, decoded. A run whose stage 2 has not run samples its stage-1 prior instead.")
-    sample.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    sample.add_argument("--run", required=True, help="run folder written by ul-fast train, an exported model's folder "
+                        "(ul-fast export) or a shipped model's name (fmnist-tiny)")
     sample.add_argument("-n", type=_positive_int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", type=_image_path, default="samples.png",
                         help="image file of the grid; its extension picks the format (default samples.png)")
@@ -346,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "KID of their reconstructions (rFD) and of N base-model samples against the training set (gFD), "
                     "the reconstructions' PSNR, and bits/pixel of their latents under the prior and under the base "
                     "model. Prints a table and writes RUN/eval.json.")
-    evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train, an exported model's "
+                          "folder (ul-fast export) or a shipped model's name (fmnist-tiny; eval.json is not written)")
     evaluate.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
                           help="N: held-out images to reconstruct and images to sample (default 1000; at most "
                                "the test split's size)")
@@ -385,6 +381,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue the distillation in --out from its newest checkpoint (same options)")
     distill.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     distill.set_defaults(func=_distill)
+
+    export = sub.add_parser(
+        "export", parents=[common], help="write a run as a self-contained model folder (safetensors, model card)",
+        description="Export the EMA weights of a run's newest checkpoint into a folder that loads without the run: "
+                    "config.json (the model config), one safetensors file per network, manifest.json (SHA-256 of "
+                    "every file, sampling defaults, data) and README.md (a model card with the run's eval.json "
+                    "figures). No pickle. Load it with ul_fast.load(DIR) or --run DIR. Written under a temporary "
+                    "name and renamed when complete.")
+    export.add_argument("--run", required=True, help="run folder written by ul-fast train or ul-fast distill")
+    export.add_argument("--out", required=True, help="folder to create (refused if it holds anything but an export)")
+    export.add_argument("--part", choices=tuple(PARTS), default="all",
+                        help="encoder-decoder: the tokenizer (encode, decode, reconstruct); all: also the prior and "
+                             "the base model (bits/pixel, sampling) (default all)")
+    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="storage precision of the weights; loaded back into fp32 (default fp32: bit-exact)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.set_defaults(func=_export)
 
     shards = sub.add_parser(
         "prepare-shards", parents=[common], help="write a data set as WebDataset tar shards (data.dataset shards:DIR)",

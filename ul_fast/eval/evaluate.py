@@ -189,7 +189,9 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         return float(in_batches(nats, samples, batch_size, f"bits/pixel ({network})", progress).mean()) / (
             math.log(2) * pixels)
 
-    bpp_prior = None if model.single_stage else bits_per_pixel("prior", 1)
+    # No prior: a single-stage model, or an encoder-decoder export (a normal prior needs no network).
+    has_prior = not model.single_stage and (model.prior is not None or model.normal_prior)
+    bpp_prior = bits_per_pixel("prior", 1) if has_prior else None
     bpp_base = bits_per_pixel("base", 2) if base_trained else None
 
     # 3. Samples of the base model against the training set: gFD, gKID.
