@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -182,10 +183,12 @@ class Report:
 
 
 def release(variants: list[Variant]) -> None:
-    """Free the variants' trainers (and their graphs and compiled code) before the next phase."""
+    """Free the variants' trainers (and their graphs and compiled code) before the next phase (a trainer is part of
+    reference cycles: its step's loss calls back into it, so only the cycle collector frees it)."""
     for variant in variants:
         variant.trainer = None
     torch._dynamo.reset()
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -207,6 +210,7 @@ def largest_batch(make: Callable[[int], Trainer], start: int, limit: int) -> tup
     """The largest power-of-two batch (from ``start``, at most ``limit``) whose step runs; its peak GiB."""
     best, best_gib, batch = 0, 0.0, start
     while batch <= limit:
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -216,9 +220,11 @@ def largest_batch(make: Callable[[int], Trainer], start: int, limit: int) -> tup
             synchronize(trainer.device)
         except torch.OutOfMemoryError:
             break
+        finally:
+            trainer = None
         best, best_gib = batch, torch.cuda.max_memory_allocated() / 2**30
-        del trainer
         batch *= 2
+    gc.collect()
     torch.cuda.empty_cache()
     return best, best_gib
 
@@ -309,10 +315,11 @@ def main() -> None:
                       flush=True)
             else:
                 batch, gib = 2, 0.0
-            if batch:
+            for variant in (Variant("ul_fast"), Variant("ul_fast+graph", graph=True)) if batch else ():
+                # one variant at a time: two trainers of 720 M parameters (with EMA and AdamW state) and the
+                # activations of the largest batch do not fit together
                 with contextlib.suppress(torch.OutOfMemoryError):
-                    phase("paper", stage, [Variant("ul_fast"), Variant("ul_fast+graph", graph=True)],
-                          with_batch(batch), baselines=1, extra={"peak_gib_eager": gib})
+                    phase("paper", stage, [variant], with_batch(batch), baselines=0, extra={"peak_gib_eager": gib})
 
 
 if __name__ == "__main__":

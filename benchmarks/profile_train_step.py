@@ -142,8 +142,8 @@ def main() -> None:
                 {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "config": args.config, "batch": args.batch, "results": results},
                 indent=1))
-            release([variant])
             del trainer
+            release([variant])
     print("\n## Where the step's time goes\n" + "\n".join(lines), flush=True)
 
 
