@@ -30,6 +30,20 @@ def test_train_step_benchmark_smoke(tmp_path):
     assert "| table | 1 | ul_fast |" in done.stdout
 
 
+def test_profile_script_smoke(tmp_path):
+    """benchmarks/profile_train_step.py on the CPU: aten ops per step, host and wall time, the top ops."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_train_step.py"), "--smoke", "--stages",
+                           "1", "--variants", "reference,ul_fast", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "profile_train_step.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["reference", "ul_fast"]
+    for r in results:
+        assert r["aten_ops_per_step"] > 100 and 0 < r["host_ms_per_step"] <= r["wall_ms_per_step"], r
+        assert r["gpu_busy"] is None and len(r["top"]) == 5, r
+    assert "## Where the step's time goes" in done.stdout and "| 1 | ul_fast |" in done.stdout
+
+
 def test_attention_benchmark_smoke(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench_attention.py"), "--smoke",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
