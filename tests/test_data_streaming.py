@@ -4,6 +4,7 @@
 import multiprocessing
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ul_fast.data import (
     load_image_folder,
 )
 from ul_fast.data import lazy_folder as lazy_folder_module
+from ul_fast.data import loader as loader_module
 from ul_fast.train import Trainer
 from ul_fast.train.metrics_log import read_metrics
 
@@ -216,6 +218,28 @@ def test_resuming_on_changed_files_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="data changed"):  # a state of in-memory data has no fingerprint
         StreamingBatches(LazyImageFolder(root, 3), ImageTransform(8, 3), 4, seed=0).load_state_dict(
             BatchStream(load_image_folder(root, 8, 3), 4, seed=0).state_dict())
+
+
+def test_a_stop_signal_before_a_workers_init_cannot_kill_it(tmp_path, monkeypatch):
+    """The workers are forked with SIGINT and SIGTERM blocked: a signal that reaches a worker before its init has
+    made it ignore them waits, then is dropped (before, it killed the worker and the run with it)."""
+    ignore = loader_module._ignore_stop_signals
+
+    def slow_init(worker_id: int) -> None:
+        time.sleep(1.0)  # the signals below arrive before the worker ignores them
+        ignore(worker_id)
+
+    monkeypatch.setattr(loader_module, "_ignore_stop_signals", slow_init)
+    stream = StreamingBatches(LazyImageFolder(write_folder(tmp_path / "data"), 3), ImageTransform(8, 3), 4, seed=0,
+                              num_workers=1)
+    stream._batches = stream._start()  # forks the worker
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    take(stream, 3)
+    assert workers and all(worker.is_alive() for worker in workers)
+    stream.close()
 
 
 def test_workers_leave_stop_signals_to_the_main_process(tmp_path):
