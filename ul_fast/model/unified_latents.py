@@ -15,6 +15,7 @@ baseline (preset ``vae-ldm``).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from ul_fast.diffusion import (
 )
 from ul_fast.model.draws import LossDraws, TermDraws, draw_term
 from ul_fast.nets import ResNetEncoder, UViTDecoder, ViTDenoiser
-from ul_fast.sampling import graphed_module, logsnr_grid, sample
+from ul_fast.sampling import GraphedCall, graphed_module, logsnr_grid, sample
 
 LN2 = math.log(2.0)
 MSE_DECODER_LOGSNR = 0.0
@@ -408,12 +409,13 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def decode(self, z_0: torch.Tensor, steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-               cuda_graph: bool = False) -> torch.Tensor:
+               cuda_graph: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample images given noisy latents ``z_0``: from ``N(0, I)`` to ``λ_x`` max over a ``steps``-step grid
         of ``spacing`` (see :func:`~ul_fast.sampling.logsnr_grid`), then one final denoising step; clamped to
-        [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler``, ``spacing`` and ``generator``
-        unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``. ``cuda_graph``: replay
-        captured decoder calls on CUDA (:func:`~ul_fast.sampling.graphed_module`; the first chain captures)."""
+        [−1, 1]. The mse decoder: its one-pass mean (``steps``, ``sampler``, ``spacing``, ``generator`` and
+        ``noise`` unused). A single-stage decoder is told the latent's log-SNR ``sample_logsnr``. ``cuda_graph``:
+        replay captured decoder calls on CUDA (:func:`~ul_fast.sampling.graphed_module`; the first chain
+        captures). ``noise``: the starting state ``[B, C, H, W]`` (default: drawn from ``generator``)."""
         latent_logsnr = None
         if self.single_stage:  # sampled latents stop at sample_logsnr (λ_z(0) unless configured)
             latent_logsnr = torch.full((z_0.shape[0],), self.sample_logsnr, device=z_0.device)
@@ -425,10 +427,11 @@ class UnifiedLatents(nn.Module):
         def denoise(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             return self._to_denoised(x_t, decoder(x_t, logsnr, z_0, latent_logsnr), logsnr)
 
-        x = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn((z_0.shape[0], *self.image_shape), device=z_0.device, generator=generator)
         grid = logsnr_grid(self.pixel_schedule, steps, spacing)
-        x = sample(sampler, denoise, x, grid, generator, disable=not progress)
-        final = grid[-1].expand(x.shape[0]).to(x.device)
+        x = sample(sampler, denoise, noise, grid, generator, disable=not progress)
+        final = torch.full((x.shape[0],), float(grid[-1]), device=x.device)  # filled, not copied from the host
         return denoise(x, final).clamp(-1.0, 1.0)
 
     @torch.no_grad()
@@ -444,31 +447,39 @@ class UnifiedLatents(nn.Module):
                        context: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                        guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                        use_prior: bool = False, generator: torch.Generator | None = None,
-                       progress: bool = False, spacing: str = "time", cuda_graph: bool = False) -> torch.Tensor:
+                       progress: bool = False, spacing: str = "time", cuda_graph: bool = False,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noisy latents ``z_0`` from the base model (or the stage-1 prior), stopping at ``λ_z(0)`` (single-stage:
         at ``sample_logsnr``). A normal prior (``latent_prior: normal``) draws ``z_0 ~ N(0, I)``.
 
         Classifier-free guidance ``x̂ = x̂_u + w·(x̂_c − x̂_u)`` applies where ``λ`` lies in
         ``guidance_interval`` and a condition is given; there the conditional and unconditional predictions
-        come from one network call on a batch of ``2n`` (outside it, one call on ``n``). ``cuda_graph``: replay
-        a captured network call per step on CUDA (one graph per batch size).
+        come from one network call on a batch of ``2n`` (outside it, one call on ``n``). Where the interval holds
+        every level of the grid or none, that is decided once, on the host; otherwise each call reads its level.
+        ``cuda_graph``: replay a captured network call per step on CUDA (one graph per batch size).
+        ``noise``: the starting state ``[n, C_z, h, w]`` (default: drawn from ``generator``).
         """
         device = next(self.parameters()).device
         conditional = any(t is not None for t in (labels, context, pooled))
         if use_prior and self.single_stage:
             raise ValueError("single-stage models have no separate prior: sample the base model")
+        z = noise if noise is not None else torch.randn((n, *self.latent_shape), device=device, generator=generator)
         if use_prior and self.normal_prior:
-            return torch.randn((n, *self.latent_shape), device=device, generator=generator)
+            return z
 
         network = self.prior if use_prior else self.base
         if cuda_graph:
             network = graphed_module(network)
+        grid = logsnr_grid(self.sample_schedule, steps, spacing)
+        guided_everywhere = _inside_everywhere(grid, guidance_interval)
 
         def denoise(z_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
             if use_prior:
                 return self._to_denoised(z_t, network(z_t, logsnr), logsnr)
-            lam = float(logsnr[0])
-            if not conditional or guidance == 1.0 or not guidance_interval[0] <= lam <= guidance_interval[1]:
+            guided = conditional and guidance != 1.0 and (
+                guided_everywhere if guided_everywhere is not None
+                else guidance_interval[0] <= float(logsnr[0]) <= guidance_interval[1])
+            if not guided:
                 return self._to_denoised(z_t, network(z_t, logsnr, labels, context, pooled), logsnr)
             null_labels = None if labels is None else torch.full_like(labels, self.config.num_classes)
             null_context = None if context is None else torch.zeros_like(context)
@@ -478,18 +489,75 @@ class UnifiedLatents(nn.Module):
             cond, uncond = self._to_denoised(torch.cat([z_t, z_t]), pred, torch.cat([logsnr, logsnr])).chunk(2)
             return uncond + guidance * (cond - uncond)
 
-        z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
-        return sample(sampler, denoise, z, logsnr_grid(self.sample_schedule, steps, spacing), generator,
-                      disable=not progress)
+        return sample(sampler, denoise, z, grid, generator, disable=not progress)
 
     @torch.no_grad()
     def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
                cuda_graph: bool = False, **conditioning) -> torch.Tensor:
-        """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``)."""
+        """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``).
+
+        ``cuda_graph`` on CUDA: with a deterministic sampler (:data:`WHOLE_CHAIN_SAMPLERS`) and guidance decided
+        once for the whole grid (see :meth:`sample_latents`), the whole chain (both samplers and the final
+        denoising) is captured once per batch size and settings and replayed; its starting noise is drawn from
+        ``generator`` as the eager chain draws it, so the images are the same. Otherwise one network call per step
+        is replayed."""
+        if cuda_graph and self._whole_chain_capturable(latent_steps, sampler, spacing, conditioning):
+            device = next(self.parameters()).device
+            z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
+            x = None if self.mse_decoder else torch.randn((n, *self.image_shape), device=device, generator=generator)
+            chain = _graphed_chain(self, latent_steps, decoder_steps, sampler, spacing, conditioning)
+            return chain(z, x, *(conditioning.get(key) for key in ("labels", "context", "pooled")))
         z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
                                   cuda_graph=cuda_graph, **conditioning)
         return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing, cuda_graph)
+
+    def _whole_chain_capturable(self, latent_steps: int, sampler: str, spacing: str, conditioning: dict) -> bool:
+        """Whether :meth:`sample`'s chain reads nothing on the host between its start and its end."""
+        if sampler not in WHOLE_CHAIN_SAMPLERS:
+            return False
+        guided = any(conditioning.get(key) is not None for key in ("labels", "context", "pooled")) and \
+            conditioning.get("guidance", 1.0) != 1.0 and not conditioning.get("use_prior", False)
+        interval = conditioning.get("guidance_interval", (-math.inf, math.inf))
+        return not guided or _inside_everywhere(logsnr_grid(self.sample_schedule, latent_steps, spacing),
+                                                interval) is not None
+
+
+WHOLE_CHAIN_SAMPLERS = ("ddim", "dpmpp_2m", "heun")
+"""The samplers that draw nothing after the starting noise: a chain of theirs can be captured as one graph."""
+
+
+_GRAPHED_CHAINS: weakref.WeakKeyDictionary[UnifiedLatents, dict[tuple, GraphedCall]] = weakref.WeakKeyDictionary()
+
+
+def _graphed_chain(model: UnifiedLatents, latent_steps: int, decoder_steps: int, sampler: str, spacing: str,
+                   conditioning: dict) -> GraphedCall:
+    """The :class:`GraphedCall` of a whole sampling chain ``(z_T, x_T, labels, context, pooled) → images`` for
+    these settings, kept (weakly) for the model's life so that later chains replay the first one's graphs."""
+    guidance = conditioning.get("guidance", 1.0)
+    interval = tuple(conditioning.get("guidance_interval", (-math.inf, math.inf)))
+    use_prior = conditioning.get("use_prior", False)
+    key = (latent_steps, decoder_steps, sampler, spacing, guidance, interval, use_prior)
+    chains = _GRAPHED_CHAINS.setdefault(model, {})
+    if key not in chains:
+        owner = weakref.ref(model)  # the graphs must not keep the model alive
+
+        def chain(z_start: torch.Tensor, x_start: torch.Tensor | None, labels: torch.Tensor | None,
+                  context: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
+            m = owner()
+            z_0 = m.sample_latents(z_start.shape[0], latent_steps, sampler, labels, context, pooled, guidance,
+                                   interval, use_prior, spacing=spacing, noise=z_start)
+            return m.decode(z_0, decoder_steps, sampler, spacing=spacing, noise=x_start)
+
+        chains[key] = GraphedCall(chain, module=model)
+    return chains[key]
+
+
+def _inside_everywhere(grid: torch.Tensor, interval: tuple[float, float]) -> bool | None:
+    """True (False) where every level of the (host) ``grid`` lies inside (outside) ``interval``; None when some do
+    and some do not. A sampler evaluates its network at the grid's levels only."""
+    inside = {interval[0] <= level <= interval[1] for level in grid.tolist()}
+    return inside.pop() if len(inside) == 1 else None
 
 
 def _stack(condition: torch.Tensor | None, null: torch.Tensor | None) -> torch.Tensor | None:

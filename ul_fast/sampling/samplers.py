@@ -60,10 +60,18 @@ def _check_grid(logsnrs: torch.Tensor) -> None:
 
 
 def _steps(logsnrs: torch.Tensor, x: torch.Tensor, desc: str, disable: bool):
-    """Yield ``(i, λ_s [B], λ_t [B])`` for each step of the grid, with a progress bar."""
+    """Yield ``(i, λ_s [B], λ_t [B])`` for each step of the grid, with a progress bar. The levels are filled on
+    ``x``'s device from the host's grid, not copied from it: nothing in a chain then waits for the host, and a
+    whole chain can be captured in a CUDA graph."""
     _check_grid(logsnrs)
-    for i in tqdm(range(len(logsnrs) - 1), disable=disable, desc=desc, leave=False):
-        yield i, logsnrs[i].expand(x.shape[0]).to(x.device), logsnrs[i + 1].expand(x.shape[0]).to(x.device)
+    levels = logsnrs.tolist()
+    for i in tqdm(range(len(levels) - 1), disable=disable, desc=desc, leave=False):
+        yield i, _level(levels[i], x), _level(levels[i + 1], x)
+
+
+def _level(logsnr: float, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` fp32 copies of the log-SNR ``logsnr`` on ``x``'s device."""
+    return torch.full((x.shape[0],), logsnr, device=x.device, dtype=torch.float32)
 
 
 @torch.no_grad()
