@@ -20,7 +20,7 @@ EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-
 KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "spacing", "guidance", "seed",
         "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
         "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s",
-        "kid_subsets", "kid_subset_size"}
+        "rkid_subsets", "gkid_subsets"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
            "bits_per_pixel_base")
 
@@ -64,8 +64,10 @@ def test_eval_writes_every_metric(runs, capsys):
     assert result["rfd"] >= 0 and result["gfd"] >= 0 and result["bits_per_pixel_prior"] > 0
     assert (result["samples"], result["latent_steps"], result["decoder_steps"], result["seed"]) == (16, 2, 2, 3)
     assert result["reference_images"] == 400 and result["base_model_trained"] and result["notes"] == []
-    # KID subsets of half the samples: subsets differ, so the standard errors are informative (not 0)
-    assert result["kid_subset_size"] == 8 and result["rkid_se"] > 0 and result["gkid_se"] > 0
+    # KID over 8 disjoint subsets of 2 samples (of 50 training images for gKID), so the standard errors say
+    # something (not 0)
+    assert result["rkid_subsets"] == [8, 2, 2] and result["gkid_subsets"] == [8, 50, 2]
+    assert result["rkid_se"] > 0 and result["gkid_se"] > 0
     assert set(result["versions"]) == {"ul_fast", "torch", "python"}
     assert "gFD" in out and "wrote" in out and err == ""
     assert [p.name for p in runs.joinpath("full").iterdir() if p.name.startswith(f".{EVAL_FILE}")] == []
@@ -100,7 +102,7 @@ def test_a_single_stage_run_gets_base_model_bits_and_a_note(runs, capsys):
 def test_misuse_is_one_line(runs, tmp_path, capsys):
     run = str(runs / "stage1")
     one_line_error(capsys, ["eval", "--run", run, "--samples", "65"], "--samples 65", "64 held-out")
-    one_line_error(capsys, ["eval", "--run", run, "--samples", "1"], "at least 2")
+    one_line_error(capsys, ["eval", "--run", run, "--samples", "3"], "at least 4")
     one_line_error(capsys, ["eval", "--run", run, "--features", "inception:/x.pth"], "no such file")
     one_line_error(capsys, ["eval", "--run", run, "--features", "inception"], "needs the weights' path")
     one_line_error(capsys, ["eval", "--run", run, "--features", "clip"], "unknown --features 'clip'")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ul_fast.data import Conditioning, ImageArrayDataset
 from ul_fast.eval.feature_net import load_fmnist_classifier
-from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
+from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance, kid_subset_sizes
 from ul_fast.eval.images import psnr
 from ul_fast.eval.inception import WEIGHTS_FILE_NAME as INCEPTION_WEIGHTS
 from ul_fast.eval.inception import check_fid_inception_file, load_fid_inception
@@ -94,13 +94,15 @@ def in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_s
     return torch.cat(parts)
 
 
-def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_subset_size: int,
-                seed: int) -> dict[str, float]:
-    """``{"fd", "kid", "kid_se"}`` of two feature sets ``[N, D]``, KID rows drawn from a CPU generator."""
+def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_max_subset_size: int,
+                seed: int) -> dict[str, Any]:
+    """``{"fd", "kid", "kid_se", "kid_subsets"}`` of two feature sets ``[N, D]``, KID's subsets shuffled by a
+    CPU generator; ``kid_subsets`` = ``[count, rows of each reference subset, rows of each other subset]``."""
     fd = frechet_distance(*feature_statistics(reference), *feature_statistics(features))
-    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_subset_size,
+    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_max_subset_size,
                                             torch.Generator().manual_seed(seed))
-    return {"fd": fd, "kid": kid, "kid_se": kid_se}
+    subsets = kid_subset_sizes(len(reference), len(features), kid_subsets, kid_max_subset_size)
+    return {"fd": fd, "kid": kid, "kid_se": kid_se, "kid_subsets": list(subsets)}
 
 
 def _software_versions() -> dict[str, str]:
@@ -117,7 +119,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                    spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
-                   kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
+                   kid_subsets: int = 10, kid_max_subset_size: int = 1000, progress: bool = True,
                    ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
@@ -131,20 +133,22 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
     ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
-    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``. A measure that does not apply is None. FD and KID are
-    in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
-    the set itself would all be the whole set, and KID's standard error would say nothing.
+    ``elapsed_s``, ``rkid_subsets``, ``gkid_subsets``. A measure that does not apply is None. FD and KID are
+    in squared feature units. KID is the mean over ``kid_subsets`` disjoint subsets of each set (of at most
+    ``kid_max_subset_size`` rows: :func:`~ul_fast.eval.frechet.kid_subset_sizes`), ``rkid_se`` / ``gkid_se`` its
+    standard error over independent draws
+    (:func:`~ul_fast.eval.frechet.kernel_inception_distance`); ``rkid_subsets`` / ``gkid_subsets`` record
+    ``[subsets, rows of each subset of the reference set, rows of each subset of the other]``.
     """
     start_time = time.perf_counter()
     config = model.config
     feature_notes = check_features(features, config.image_channels)
-    if samples < 2:
-        raise ValueError(f"--samples must be at least 2 (Fréchet distance needs a covariance), got {samples}")
+    if samples < 4:
+        raise ValueError(f"--samples must be at least 4 (KID's standard error needs 2 disjoint subsets of 2 images), "
+                         f"got {samples}")
     if samples > len(test_data):
         raise ValueError(f"--samples {samples} is more than the {len(test_data)} held-out images of "
                          f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
-    if kid_subset_size is None:
-        kid_subset_size = min(1000, samples // 2)
     device = next(model.parameters()).device
     feature_net = load_feature_network(features, device)
 
@@ -169,7 +173,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
     reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
-                                 kid_subsets, kid_subset_size, seed)
+                                 kid_subsets, kid_max_subset_size, seed)
     mean_psnr = float(psnr(reconstructions, originals).mean())
 
     # 2. Held-out bits/pixel of the same images' latents, under the prior and under the base model.
@@ -193,7 +197,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     bpp_base = bits_per_pixel("base", 2) if base_trained else None
 
     # 3. Samples of the base model against the training set: gFD, gKID.
-    generation = {"fd": None, "kid": None, "kid_se": None}
+    generation = {"fd": None, "kid": None, "kid_se": None, "kid_subsets": None}
     if base_trained:
         inputs, _ = conditioning.for_grid(samples)
         sample_generator = generator(3)
@@ -206,14 +210,15 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
 
         generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
-                                 embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
+                                 embed(generated, "features (samples)"), kid_subsets, kid_max_subset_size,
+                                 seed + 1)
 
     return {
         "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
         "spacing": spacing,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
-        "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+        "rkid_subsets": reconstruction["kid_subsets"], "gkid_subsets": generation["kid_subsets"],
         "rfd": reconstruction["fd"], "rkid": reconstruction["kid"], "rkid_se": reconstruction["kid_se"],
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
