@@ -418,8 +418,37 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+INFINITY_ALLOWED = {"train.grad_clip": (math.inf,), "sample.guidance_interval": (-math.inf, math.inf)}
+"""The float keys that may be infinite, and which infinities: no gradient clipping (``.inf``), guidance at every
+log-SNR (``[-.inf, .inf]``). Every other float must be finite, and none may be NaN."""
+
+
+def _float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(key, value)`` of every float in a config dataclass tree (each entry of a list of floats too)."""
+    found = []
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _float_values(value, key + ".")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, list):
+            found += [(key, v) for v in value if isinstance(v, float)]
+    return found
+
+
+def _validate_finite(config: Config) -> None:
+    """Every float is a number, and finite unless :data:`INFINITY_ALLOWED` says otherwise (e.g. ``train.lr=.inf``
+    would turn every weight into NaN at the first step)."""
+    for key, value in _float_values(config):
+        if not (math.isfinite(value) or value in INFINITY_ALLOWED.get(key, ())):
+            allowed = " or ".join(f"{v}" for v in INFINITY_ALLOWED.get(key, ()))
+            _require(False, f"{key} must be a finite number{f' (or {allowed})' if allowed else ''}, got {value}")
+
+
 def validate(config: Config) -> None:
     """Raise :class:`ConfigError`, naming the key, at the first value out of range or inconsistent."""
+    _validate_finite(config)
     _validate_model(config.model, config.train)
     _validate_networks(config.model)
     _validate_train(config.train)
@@ -528,7 +557,8 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.batch_size > 0 and t.grad_accumulation > 0, "train.batch_size and grad_accumulation must be > 0")
     _require(t.stage1_steps >= 0 and t.stage2_steps >= 0, "train.stage1_steps and stage2_steps must be >= 0")
     _require(t.stage1_steps + t.stage2_steps > 0, "train.stage1_steps and stage2_steps are both 0: nothing to train")
-    _require(t.lr > 0 and t.base_lr > 0, "train.lr and train.base_lr must be > 0")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.base_lr > 0, f"train.base_lr must be > 0, got {t.base_lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.grad_clip > 0, f"train.grad_clip must be > 0 (.inf: no clipping), got {t.grad_clip}")
