@@ -28,6 +28,7 @@ from ul_fast.data import (
     load_fashion_mnist_idx,
     load_image_folder,
     read_idx,
+    splits_apart,
 )
 from ul_fast.data.fashion_mnist import read_fashion_mnist_idx_uint8
 
@@ -236,6 +237,31 @@ def test_folder_spec_uses_split_subfolders(tmp_path):
     _png(tmp_path / "test" / "c.png", (8, 8))
     assert len(load_dataset(f"folder:{tmp_path}", "train", 8)) == 2
     assert len(load_dataset(f"folder:{tmp_path}", "test", 8)) == 1
+
+
+def test_which_specs_hold_their_splits_apart(tmp_path):
+    """Held-out numbers need a test split that is not the training set: each spec says whether it has one."""
+    np.save(tmp_path / "x.npy", _u8((4, 8, 8)))
+    np.savez(tmp_path / "one.npz", images=_u8((4, 8, 8)))
+    np.savez(tmp_path / "half.npz", train_images=_u8((4, 8, 8)), images=_u8((4, 8, 8)))
+    np.savez(tmp_path / "two.npz", train_images=_u8((4, 8, 8)), test_images=_u8((2, 8, 8)))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    for name in ("flat", "split/train", "split/test"):
+        _png(tmp_path / name / "a.png", (8, 8))
+    (tmp_path / "shards/train").mkdir(parents=True)
+    (tmp_path / "shards/test").mkdir()
+    (tmp_path / "flat-shards").mkdir()
+    expected = {
+        "fmnist-embedded": True, "fmnist": True, f"array:{tmp_path / 'x.npy'}": False,
+        f"array:{tmp_path / 'one.npz'}": False, f"array:{tmp_path / 'half.npz'}": False,
+        f"array:{tmp_path / 'two.npz'}": True, f"folder:{tmp_path / 'flat'}": False,
+        f"folder:{tmp_path / 'split'}": True, f"folder-stream:{tmp_path / 'flat'}": False,
+        f"folder-stream:{tmp_path / 'split'}": True, f"shards:{tmp_path / 'shards'}": True,
+        f"shards:{tmp_path / 'flat-shards'}": False, "mnist": False,
+    }
+    assert {spec: splits_apart(spec) for spec in expected} == expected
+    with pytest.raises(ValueError, match="broken.npz cannot be read as a NumPy .npz file"):
+        splits_apart(f"array:{tmp_path / 'broken.npz'}")
 
 
 # ---------------------------------------------------------------- arrays

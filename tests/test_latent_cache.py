@@ -348,3 +348,12 @@ def test_a_cache_spec_loads_the_images_it_was_encoded_from(run, caches):
     for split in ("train", "test"):
         images = load_images(f"latents:{caches / 'fp32'}", split, 16, 1)
         assert torch.equal(images.images, pixels(run, split)[0])
+
+
+def test_a_cache_holds_its_splits_apart_when_its_images_do(run, caches, tmp_path):
+    from ul_fast.data import splits_apart
+
+    assert splits_apart(f"latents:{caches / 'fp32'}")  # encoded from an .npz with train_images and test_images
+    np.save(tmp_path / "one-set.npy", np.load(run[1].partition(":")[2])["train_images"])
+    encode_dataset(run[0], f"array:{tmp_path / 'one-set.npy'}", tmp_path / "cache", **ENCODE)
+    assert not splits_apart(f"latents:{tmp_path / 'cache'}")

@@ -26,6 +26,7 @@ from ul_fast.sampling import SAMPLERS, SPACINGS
 def _train(args: argparse.Namespace) -> None:
     from ul_fast.config import load_config
     from ul_fast.train import Trainer, TrainingAborted, TrainingInterrupted
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.resume_policy import check_resume_changes, config_changes
     from ul_fast.train.run_folder import check_new_run
 
@@ -43,9 +44,9 @@ def _train(args: argparse.Namespace) -> None:
         if args.overwrite:
             raise ValueError("ul-fast train: --overwrite replaces a run with a new one; it does not go with --resume")
         run_dir = Path(args.resume)
-        config = load_config(str(run_dir / "config.yaml"), args.set)
+        config = load_run_config(run_dir, args.set)
         # Refused before any work; the trainer checks again against the checkpoint's own config.
-        check_resume_changes(config_changes(load_config(str(run_dir / "config.yaml")).to_dict(), config.to_dict()))
+        check_resume_changes(config_changes(load_run_config(run_dir).to_dict(), config.to_dict()))
     else:
         if not args.out:
             raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
@@ -75,10 +76,16 @@ def _train(args: argparse.Namespace) -> None:
 def _base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> bool:
     """Whether the base model of a run has trained: in single_stage mode stage 1 trains it; in two_stage mode
     once the run's newest readable checkpoint is in stage 2, or the run it was initialised from had one."""
-    from ul_fast.config import SINGLE_STAGE, ConfigError, load_config
-    from ul_fast.train.checkpoint import CheckpointError, CheckpointWarning, load_state, newest_readable_checkpoint
+    from ul_fast.config import SINGLE_STAGE, ConfigError
+    from ul_fast.train.checkpoint import (
+        CheckpointError,
+        CheckpointWarning,
+        load_run_config,
+        load_state,
+        newest_readable_checkpoint,
+    )
 
-    config = load_config(str(Path(run_dir) / "config.yaml"))
+    config = load_run_config(run_dir)
     if config.model.mode == SINGLE_STAGE:
         return True
     with warnings.catch_warnings():  # a skipped checkpoint was already reported when the weights were read
@@ -132,7 +139,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
+    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images, splits_apart
     from ul_fast.devices import resolve_device
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
     from ul_fast.files import write_json_atomically
@@ -153,7 +160,7 @@ def _eval(args: argparse.Namespace) -> None:
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
                             base_trained=_base_model_trained(args.run), features=args.features,
-                            progress=not args.no_progress)
+                            held_out=splits_apart(config.data.dataset), progress=not args.no_progress)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
     record = {"run": str(args.run), "dataset": config.data.dataset, **result}
@@ -163,8 +170,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
     from ul_fast.devices import resolve_device
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.distill import Distiller, DistillSettings
     from ul_fast.train.preflight import check_device
 
@@ -172,7 +179,7 @@ def _distill(args: argparse.Namespace) -> None:
         raise ValueError("ul-fast distill: --overwrite replaces a distillation with a new one; it does not go with "
                          "--resume")
     check_device(args.device, "--device")
-    teacher = load_config(str(Path(args.run) / "config.yaml"))
+    teacher = load_run_config(args.run)
     settings = DistillSettings(
         teacher=str(args.run), from_steps=args.from_steps, to_steps=args.to_steps,
         steps_per_round=args.steps_per_round, batch_size=args.batch or teacher.train.batch_size, lr=args.lr,
@@ -192,10 +199,10 @@ def _prepare_shards(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.encode import encode_dataset
 
-    data = args.data or load_config(str(Path(args.run) / "config.yaml")).data.dataset
+    data = args.data or load_run_config(args.run).data.dataset
     manifest = encode_dataset(args.run, data, args.out, dtype=args.dtype, flip=args.flip, batch_size=args.batch,
                               device=args.device, shard_size=args.shard_size, num_workers=args.workers,
                               overwrite=args.overwrite, progress=not args.no_progress)

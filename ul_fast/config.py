@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from ul_fast.diffusion import PREDICTIONS, SCHEDULE_KINDS
+from ul_fast.files import write_atomically
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
 TWO_STAGE, SINGLE_STAGE = "two_stage", "single_stage"
@@ -409,8 +410,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, _rename_deprecated_keys(data)).validate()
 
 
+def missing_keys(data: dict[str, Any], cls: type = Config, prefix: str = "") -> list[str]:
+    """The dotted keys of the config dataclasses that ``data`` (nested dicts, as read from YAML, deprecated keys
+    renamed) leaves out, in the dataclasses' order; a section left out counts as all of its keys."""
+    missing = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            section = data.get(f.name) if isinstance(data, dict) else None
+            missing += missing_keys(section if isinstance(section, dict) else {}, hint, f"{prefix}{f.name}.")
+        elif not isinstance(data, dict) or f.name not in data:
+            missing.append(prefix + f.name)
+    return missing
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The nested dicts of a config YAML file as written (no ``extends`` resolved, no defaults filled in), deprecated
+    keys renamed; ConfigError naming the file for invalid YAML."""
+    return _rename_deprecated_keys(_yaml_mapping(Path(path).read_text(), f"config {path}"))
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write ``config`` fully resolved as YAML, atomically (a kill leaves the old file or the new one)."""
+    write_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _require(condition: bool, message: str) -> None:

@@ -52,6 +52,10 @@ NO_BASE_MODEL_NOTE = ("no trained base model (stage 2 has not run): gFD, gKID an
                       "out; rFD, rKID, PSNR and prior bits/pixel are given")
 SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixel is given under the base model "
                      "only")
+NOT_HELD_OUT_NOTE = ("{data} serves the same images as its training and test splits, so none of these numbers is "
+                     "held-out: rFD, rKID, PSNR and bits/pixel are measured on training images, and gFD, gKID compare "
+                     "samples with those same images; for held-out numbers give the data train/ and test/ folders (or "
+                     "train_images and test_images in the .npz)")
 GRAYSCALE_INCEPTION_NOTE = ("grayscale images are repeated to RGB for the Inception features, as pytorch-fid's "
                             "PIL convert('RGB') does; the Fashion-MNIST network (--features fmnist) was trained on "
                             "this kind of data and separates its classes better")
@@ -119,20 +123,22 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                    spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
-                   kid_subsets: int = 10, kid_max_subset_size: int = 1000, progress: bool = True,
-                   ) -> dict[str, Any]:
+                   kid_subsets: int = 10, kid_max_subset_size: int = 1000, held_out: bool = True,
+                   progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
     train_data / test_data: the run's data at the model's image size. base_trained: whether the base model
     has trained (False for a two-stage run whose stage 2 never ran: then no gFD, gKID or base-model bits/pixel,
-    and ``notes`` says so). Images are reconstructed, sampled and embedded ``batch_size`` at a time; the
-    numbers are a function of ``seed``, ``batch_size`` and the device.
+    and ``notes`` says so). held_out: whether ``test_data`` is held out from ``train_data``
+    (:func:`~ul_fast.data.splits_apart` of the run's data spec); False records ``held_out: false`` and a note
+    saying that every number is measured on training images. Images are reconstructed, sampled and embedded
+    ``batch_size`` at a time; the numbers are a function of ``seed``, ``batch_size`` and the device.
 
     Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``spacing``,
     ``guidance``,
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
-    ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
+    ``bits_per_pixel_base``, ``base_model_trained``, ``held_out``, ``notes`` (list of strings), ``versions``,
     ``elapsed_s``, ``rkid_subsets``, ``gkid_subsets``. A measure that does not apply is None. FD and KID are
     in squared feature units. KID is the mean over ``kid_subsets`` disjoint subsets of each set (of at most
     ``kid_max_subset_size`` rows: :func:`~ul_fast.eval.frechet.kid_subset_sizes`), ``rkid_se`` / ``gkid_se`` its
@@ -160,6 +166,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         return torch.Generator(device).manual_seed(seed + offset)
 
     notes = ([] if base_trained else [NO_BASE_MODEL_NOTE]) + feature_notes
+    if not held_out:
+        notes.insert(0, NOT_HELD_OUT_NOTE.format(data=test_data.source or "the data"))
     if model.single_stage:
         notes.append(SINGLE_STAGE_NOTE)
     originals = test_data.images[:samples]
@@ -223,7 +231,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
         "bits_per_pixel_prior": bpp_prior, "bits_per_pixel_base": bpp_base,
-        "base_model_trained": base_trained, "notes": notes, "versions": _software_versions(),
+        "base_model_trained": base_trained, "held_out": held_out, "notes": notes, "versions": _software_versions(),
         "elapsed_s": time.perf_counter() - start_time,
     }
 
@@ -250,6 +258,8 @@ def format_table(result: dict[str, Any]) -> str:
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
               f"{result['spacing']} spacing), guidance {result['guidance']}, seed {result['seed']}, "
               f"{result['elapsed_s']:.1f} s")
+    if not result.get("held_out", True):
+        header += "\nNOT HELD-OUT: the test split is the training data (see the note): every number is on training data"
     return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 

@@ -266,15 +266,44 @@ def load_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None):
+    """The :class:`~ul_fast.config.Config` of a run folder, from its ``config.yaml`` (then ``overrides``).
+
+    ``ul-fast train`` writes that file fully resolved, so a key it lacks would silently take the dataclass default
+    (the paper's ImageNet-512 networks) and the checkpoints would then fail to fit. An empty file is refused, and
+    so is one that lacks keys the newest readable checkpoint's own copy of the config (``state.pt``) has: it was
+    truncated or edited. Keys that copy lacks too come from an older version and keep their defaults."""
+    from ul_fast.config import ConfigError, load_config, missing_keys, read_config_mapping
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a ul_fast run folder: {path} does not exist")
+    restore = "restore it: ul-fast train writes it whole, and every checkpoint's state.pt holds a copy (its 'config')"
+    if not path.read_text().strip():
+        raise ConfigError(f"{path} is empty; {restore}")
+    missing = missing_keys(read_config_mapping(path))
+    if missing and (root := Path(run_dir) / "checkpoints").is_dir():
+        with warnings.catch_warnings():  # damaged checkpoints are reported where the weights are read
+            warnings.simplefilter("ignore", CheckpointWarning)
+            try:
+                folder, state = newest_readable_checkpoint(run_dir, load_state)
+            except CheckpointError:
+                folder, state = None, {}
+        saved = state.get("config")
+        lost = [key for key in missing if key not in missing_keys(saved)] if isinstance(saved, dict) else []
+        if lost:
+            more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+            raise ConfigError(f"{path} lacks {', '.join(lost[:3])}{more}, which checkpoint {folder.name} in {root} "
+                              f"was trained with: the file is truncated or was edited; {restore}")
+    return load_config(str(path), overrides)
+
+
 def load_trained_model(run_dir: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
-    """``(config, model)`` from a run folder: its ``config.yaml`` and the newest checkpoint's EMA weights."""
-    from ul_fast.config import load_config
+    """``(config, model)`` from a run folder: its ``config.yaml`` (:func:`load_run_config`) and the newest
+    checkpoint's EMA weights."""
     from ul_fast.model import UnifiedLatents
 
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a ul_fast run folder: {config_path} does not exist")
-    config = load_config(str(config_path))
+    config = load_run_config(run_dir)
     model = UnifiedLatents(config.model)
     name = "ema.safetensors" if use_ema else "model.safetensors"
     _, weights = newest_readable_checkpoint(run_dir, lambda folder: read_weights(model, folder / name))

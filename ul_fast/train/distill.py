@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ul_fast import ops
-from ul_fast.config import load_config, save_config
+from ul_fast.config import save_config
 from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
 from ul_fast.diffusion import coefficients
 from ul_fast.files import write_json_atomically
@@ -45,6 +45,7 @@ from ul_fast.model import UnifiedLatents
 from ul_fast.sampling import logsnr_grid
 from ul_fast.train.checkpoint import (
     CheckpointError,
+    load_run_config,
     load_state,
     newest_readable_checkpoint,
     read_weights,
@@ -155,8 +156,7 @@ def distillation_loss(model: UnifiedLatents, student: nn.Module, teacher: nn.Mod
 # ----------------------------------------------------------------------------- the run folder
 def _read_teacher(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(training state, raw weights, EMA weights) of the teacher run's newest readable checkpoint."""
-    config = load_config(str(run_dir / "config.yaml"))
-    model = UnifiedLatents(config.model)
+    model = UnifiedLatents(load_run_config(run_dir).model)
     return newest_readable_checkpoint(run_dir, lambda folder: (load_state(folder),
                                                                read_weights(model, folder / "model.safetensors"),
                                                                read_weights(model, folder / "ema.safetensors")))[1]
@@ -179,10 +179,7 @@ class Distiller:
         self.settings, self.out, self.device, self.progress = settings, Path(out), torch.device(device), progress
         self.rounds = round_steps(settings.from_steps, settings.to_steps)
         teacher_dir = Path(settings.teacher)
-        if not (teacher_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{teacher_dir} is not a ul_fast run folder: {teacher_dir / 'config.yaml'} "
-                                  f"does not exist")
-        self.config = load_config(str(teacher_dir / "config.yaml"))
+        self.config = load_run_config(teacher_dir)
         if self.config.model.decoder_loss == "mse":
             raise ValueError(f"{teacher_dir} has a deterministic decoder (model.decoder_loss: mse): it decodes in "
                              f"one pass already; there are no sampling steps to distil")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ul_fast.config import TWO_STAGE, Config, ConfigError
-from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind
+from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind, splits_apart
 from ul_fast.model import UnifiedLatents
 
 __all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "parameter_count"]
@@ -119,7 +119,8 @@ def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_d
     to ``model.image_size`` as they are read, so only its labels are checked).
 
     Also warns (``UserWarning``, one line) when a small data set is about to train paper-size networks,
-    usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``)."""
+    usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``), and when
+    the data has no test split of its own (its "held-out" evaluations are then on training images)."""
     check_device(config.train.device)
     _check_augmentation(config)
     for split, data in (("train", train_data), ("test", test_data)):
@@ -131,4 +132,9 @@ def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_d
         warnings.warn(f"{count / 1e6:.0f} M parameters for {len(train_data)} training images of "
                       f"{config.model.image_size}x{config.model.image_size}: these are paper-size networks "
                       f"(the defaults); start the YAML with 'extends: tiny' (or fmnist) for small ones",
+                      UserWarning, stacklevel=2)
+    if not splits_apart(config.data.dataset):
+        warnings.warn(f"data.dataset {config.data.dataset!r} serves the same images as its training and test splits: "
+                      f"the held-out bits/pixel and PSNR of the evaluations are measured on training images (give "
+                      f"the data train/ and test/ folders, or train_images and test_images in the .npz)",
                       UserWarning, stacklevel=2)
