@@ -43,6 +43,12 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.overwrite:
             raise ValueError("ul-fast train: --overwrite replaces a run with a new one; it does not go with --resume")
+        if args.out:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run in its own folder: drop --out "
+                             f"{args.out} (a run is not continued into another folder)")
+        if args.config:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run with its own config.yaml: drop "
+                             f"--config {args.config} (--set KEY=VALUE changes what a resume may change)")
         run_dir = Path(args.resume)
         config = load_run_config(run_dir, args.set)
         # Refused before any work; the trainer checks again against the checkpoint's own config.
@@ -52,7 +58,7 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
         run_dir = Path(args.out)
         check_new_run(run_dir, args.overwrite)
-        config = load_config(args.config, args.set)
+        config = load_config(args.config or "tiny", args.set)
     if distributed and torch.cuda.is_available() and config.train.device == "auto":
         config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if args.no_progress:
@@ -114,6 +120,10 @@ def _sample(args: argparse.Namespace) -> None:
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
     if _base_model_trained(args.run):
+        if args.label is not None and m.context_dim:
+            raise ValueError(f"{args.run} is text-conditioned: it takes --prompt, not --label")
+        if args.label is not None and not m.num_classes:
+            raise ValueError(f"{args.run} is unconditional (model.num_classes: 0): drop --label")
         if args.prompt is not None and not m.context_dim:
             raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
         if args.prompt is None and m.context_dim:
@@ -202,10 +212,11 @@ def _encode(args: argparse.Namespace) -> None:
     from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.encode import encode_dataset
 
-    data = args.data or load_run_config(args.run).data.dataset
-    manifest = encode_dataset(args.run, data, args.out, dtype=args.dtype, flip=args.flip, batch_size=args.batch,
-                              device=args.device, shard_size=args.shard_size, num_workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+    run_data = load_run_config(args.run).data
+    manifest = encode_dataset(args.run, args.data or run_data.dataset, args.out, dtype=args.dtype, flip=args.flip,
+                              batch_size=args.batch, device=args.device, shard_size=args.shard_size,
+                              num_workers=args.workers, overwrite=args.overwrite,
+                              on_bad_image=args.on_bad_image or run_data.on_bad_image, progress=not args.no_progress)
     print(f"latent cache written to {manifest.parent}; train stage 2 on it with --set data.dataset=latents:"
           f"{manifest.parent} --set train.init_from={args.run} --set train.stage1_steps=0")
 
@@ -318,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model into a new run folder (--out) or continue one (--resume). Stage 1 trains the "
                     "encoder, the latent prior and the decoder; stage 2 the base model on the frozen latents. Every "
                     "setting is checked before any work starts.")
-    train.add_argument("--config", default="tiny",
+    train.add_argument("--config",
                        help=f"a preset ({', '.join(preset_names())}; default tiny) or a YAML file, which may start "
                             f"with 'extends: PRESET' and set only the keys that differ")
     train.add_argument("--out", help="run folder to create (refused if it holds a run: see --resume, --overwrite)")
@@ -437,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--workers", type=_non_negative_int, default=0, metavar="W",
                         help="DataLoader workers decoding a streamed data set (default 0: in this process)")
     encode.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    encode.add_argument("--on-bad-image", choices=("skip", "fail"),
+                        help="an undecodable image: leave it out with a warning (named in the manifest), or stop "
+                             "(default: the run's data.on_bad_image)")
     encode.set_defaults(func=_encode)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",
