@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ul_fast.config import DEVICE_PATTERN, preset_names
+from ul_fast.config import DEVICE_PATTERN, Config, preset_names
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
 
@@ -108,6 +108,37 @@ def _base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> boo
         return True
 
 
+def _samplers(args: argparse.Namespace, config: Config) -> tuple[str, str]:
+    """``(base model's sampler, decoder's sampler)`` of ``ul-fast sample`` / ``eval``: ``--sampler`` sets both, and
+    ``--decoder-sampler`` the decoder's; by default the run's ``sample.sampler`` and ``sample.decoder_sampler``
+    (null: the same). A distilled decoder (:func:`~ul_fast.train.distill.distilled_decoder`) takes its own sampler
+    only (ValueError naming the options otherwise) and warns at other steps or another grid than its own."""
+    from ul_fast.train.distill import distilled_decoder
+
+    s = config.sample
+    latent = args.sampler or s.sampler
+    decoder = args.decoder_sampler or args.sampler or s.decoder_sampler or s.sampler
+    distilled = distilled_decoder(args.run)
+    if distilled is None:
+        return latent, decoder
+    where = (f"the decoder of {args.run}" + ("" if distilled["run"] == str(args.run) else
+                                             f" (from {distilled['run']})") +
+             f" is distilled for {distilled['steps']} {distilled['sampler']} steps on the {distilled['spacing']} grid")
+    if decoder != distilled["sampler"]:
+        if args.decoder_sampler:
+            raise ValueError(f"{where}: it samples right with {distilled['sampler']} only; drop --decoder-sampler "
+                             f"{args.decoder_sampler}")
+        option = f"--sampler {args.sampler}" if args.sampler else f"the run's sample.sampler {s.sampler}"
+        raise ValueError(f"{where}: it samples right with {distilled['sampler']} only, and {option} would apply to "
+                         f"it too; add --decoder-sampler {distilled['sampler']} to sample the base model with "
+                         f"{latent} and the decoder with {distilled['sampler']}")
+    steps, spacing = args.decoder_steps or s.decoder_steps, args.spacing or s.spacing
+    if (steps, spacing) != (distilled["steps"], distilled["spacing"]):
+        warnings.warn(f"{where}; at {steps} steps on the {spacing} grid its quality is unknown", UserWarning,
+                      stacklevel=2)
+    return latent, decoder
+
+
 def _sample(args: argparse.Namespace) -> None:
     from ul_fast.data import Conditioning
     from ul_fast.devices import resolve_device
@@ -138,9 +169,10 @@ def _sample(args: argparse.Namespace) -> None:
         print(f"ul-fast: note: {args.run} has no trained base model (stage 2 has not run): sampling from its "
               f"stage-1 prior, unconditionally", file=sys.stderr)
         conditioning, columns = {"use_prior": True}, None
+    latent_sampler, decoder_sampler = _samplers(args, config)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
-                          args.sampler or s.sampler, generator, progress=not args.no_progress,
+                          latent_sampler, generator, progress=not args.no_progress, decoder_sampler=decoder_sampler,
                           spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                           guidance=s.guidance if args.guidance is None else args.guidance,
                           guidance_interval=tuple(s.guidance_interval), **conditioning)
@@ -161,9 +193,11 @@ def _eval(args: argparse.Namespace) -> None:
     config, model = load_trained_model(args.run, device)
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
+    latent_sampler, decoder_sampler = _samplers(args, config)
     train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
                                          stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
-    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
+    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=latent_sampler,
+                            decoder_sampler=decoder_sampler,
                             spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                             latent_steps=args.latent_steps or s.latent_steps,
                             decoder_steps=args.decoder_steps or s.decoder_steps,
@@ -308,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
     # options several commands share, written once
     sampling = argparse.ArgumentParser(add_help=False)  # sample, eval
-    sampling.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sampling.add_argument("--sampler", choices=SAMPLERS,
+                          help="diffusion sampler of the base model and the decoder (default: the run's "
+                               "sample.sampler)")
+    sampling.add_argument("--decoder-sampler", choices=SAMPLERS,
+                          help="the decoder's sampler, when it differs from --sampler (default: the run's "
+                               "sample.decoder_sampler, else --sampler); a distilled decoder takes ddim only")
     sampling.add_argument("--spacing", choices=SPACINGS,
                           help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
     sampling.add_argument("--cuda-graph", action="store_true",

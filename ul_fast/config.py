@@ -193,6 +193,8 @@ class DataConfig:
 @dataclass
 class SampleConfig:
     sampler: str = "ddim"  # ddim | ancestral | dpmpp_2m | heun (heun: two network evaluations per step)
+    # The decoder's sampler; null = sampler. A distilled decoder (ul-fast distill) records ddim here.
+    decoder_sampler: str | None = None
     latent_steps: int = 32
     decoder_steps: int = 32
     spacing: str = "time"  # step grid: time (uniform in the schedule's t) | logsnr (uniform in λ)
@@ -598,6 +600,8 @@ def _validate_train(t: TrainConfig) -> None:
 
 def _validate_sample(s: SampleConfig) -> None:
     _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+    _require(s.decoder_sampler is None or s.decoder_sampler in SAMPLERS,
+             f"sample.decoder_sampler must be null (sample.sampler) or one of {SAMPLERS}, got {s.decoder_sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
     _require(s.spacing in SPACINGS, f"sample.spacing must be one of {SPACINGS}, got {s.spacing!r}")
     _require(s.grid_images > 0, f"sample.grid_images must be > 0, got {s.grid_images}")

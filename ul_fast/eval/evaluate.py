@@ -119,7 +119,8 @@ def _software_versions() -> dict[str, str]:
 
 @torch.no_grad()
 def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
-                   samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
+                   samples: int = 1000, sampler: str = "ddim", decoder_sampler: str | None = None,
+                   latent_steps: int = 32, decoder_steps: int = 32,
                    spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
@@ -134,7 +135,11 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     saying that every number is measured on training images. Images are reconstructed, sampled and embedded
     ``batch_size`` at a time; the numbers are a function of ``seed``, ``batch_size`` and the device.
 
-    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``spacing``,
+    sampler: the base model's sampler; decoder_sampler: the decoder's (None: ``sampler``), for reconstructions and
+    samples.
+
+    Returns a JSON-ready dict: ``samples``, ``sampler``, ``decoder_sampler``, ``latent_steps``, ``decoder_steps``,
+    ``spacing``,
     ``guidance``,
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
@@ -148,6 +153,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     """
     start_time = time.perf_counter()
     config = model.config
+    decoder_sampler = decoder_sampler or sampler
     feature_notes = check_features(features, config.image_channels)
     if samples < 4:
         raise ValueError(f"--samples must be at least 4 (KID's standard error needs 2 disjoint subsets of 2 images), "
@@ -176,7 +182,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     # 1. Reconstructions: rFD, rKID, PSNR.
     recon_generator = generator(0)
     reconstructions = in_batches(
-        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
+        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, decoder_sampler, recon_generator,
                                      spacing=spacing, cuda_graph=cuda_graph).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
@@ -214,7 +220,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
             batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
             return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
                                 cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
-                                **batch_inputs).float().cpu()
+                                decoder_sampler=decoder_sampler, **batch_inputs).float().cpu()
 
         generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
@@ -222,7 +228,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                                  seed + 1)
 
     return {
-        "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
+        "samples": samples, "sampler": sampler, "decoder_sampler": decoder_sampler, "latent_steps": latent_steps,
+        "decoder_steps": decoder_steps,
         "spacing": spacing,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
@@ -254,7 +261,9 @@ def format_table(result: dict[str, Any]) -> str:
         ("bits/pixel (base model)", number(result["bits_per_pixel_base"])),
     ]
     width = max(len(name) for name, _ in rows)
-    header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
+    samplers = (result["sampler"] if result.get("decoder_sampler", result["sampler"]) == result["sampler"] else
+                f"{result['sampler']} (latent) and {result['decoder_sampler']} (decoder)")
+    header = (f"{result['samples']} images, {result['features']} features, {samplers} sampler "
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
               f"{result['spacing']} spacing), guidance {result['guidance']}, seed {result['seed']}, "
               f"{result['elapsed_s']:.1f} s")

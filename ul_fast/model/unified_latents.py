@@ -439,11 +439,12 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-               cuda_graph: bool = False, **conditioning) -> torch.Tensor:
-        """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``)."""
+               cuda_graph: bool = False, decoder_sampler: str | None = None, **conditioning) -> torch.Tensor:
+        """Generate ``n`` images: base model → noisy ``z_0`` → decoder, both on ``spacing``; the base model with
+        ``sampler``, the decoder with ``decoder_sampler`` (None: ``sampler``)."""
         z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
                                   cuda_graph=cuda_graph, **conditioning)
-        return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing, cuda_graph)
+        return self.decode(z_0, decoder_steps, decoder_sampler or sampler, generator, progress, spacing, cuda_graph)
 
 
 def _stack(condition: torch.Tensor | None, null: torch.Tensor | None) -> torch.Tensor | None:
