@@ -241,6 +241,8 @@ def test_a_folder_too_large_for_memory_is_refused_pointing_to_folder_stream(tmp_
     enough of them to need more than half the available memory."""
     from ul_fast.devices import available_memory
 
+    if available_memory() is None:
+        pytest.skip("this system does not tell its available memory")
     per_image = 2048 * 2048 * 6  # one channel, 6 bytes per value while loading
     count = int(0.5 * available_memory() / per_image) + 20
     if count > 20_000:

@@ -23,10 +23,10 @@ def _read_int(path: str) -> int | None:
         return None
 
 
-def available_memory() -> int:
+def available_memory() -> int | None:
     """Bytes of memory this process can still take: the kernel's ``MemAvailable`` (Linux), and no more than the
     room left under the process's cgroup memory limit (v2 or v1, as in a container); elsewhere the free physical
-    pages."""
+    pages; None where the system tells none of these."""
     candidates = []
     try:
         with open("/proc/meminfo") as f:
@@ -40,5 +40,8 @@ def available_memory() -> int:
         if cap is not None and used is not None and cap < 2**60:  # v1 writes a huge number for "no limit"
             candidates.append(max(cap - used, 0))
     if not candidates:
-        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        try:
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):  # e.g. macOS has no SC_AVPHYS_PAGES
+            return None
     return min(candidates)

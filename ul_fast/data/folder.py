@@ -119,10 +119,11 @@ float32 result (4)."""
 
 def check_folder_fits_in_memory(root: Path, images: int, image_size: int, channels: int) -> None:
     """Raise ValueError, pointing to ``folder-stream:``, when loading ``images`` images of ``root`` at
-    ``image_size`` would take more than :data:`MEMORY_FRACTION` of the available memory."""
+    ``image_size`` would take more than :data:`MEMORY_FRACTION` of the available memory (unchecked where the
+    system does not tell it)."""
     need = images * channels * image_size**2 * BYTES_PER_VALUE_WHILE_LOADING
     have = available_memory()
-    if need > MEMORY_FRACTION * have:
+    if have is not None and need > MEMORY_FRACTION * have:
         gib = 2**30
         raise ValueError(f"folder:{root} holds {images:,} images, {need / gib:.1f} GiB while loading them into memory "
                          f"at {image_size}x{image_size}x{channels}: more than {MEMORY_FRACTION:.0%} of the "
