@@ -17,11 +17,10 @@ from cli_helpers import one_line_error
 from micro import micro_config
 
 EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
-KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "spacing", "guidance", "seed",
-        "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
-        "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "held_out", "notes", "versions",
-        "elapsed_s",
-        "rkid_subsets", "gkid_subsets"}
+KEYS = {"run", "dataset", "samples", "sampler", "decoder_sampler", "latent_steps", "decoder_steps", "spacing",
+        "guidance", "seed", "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd",
+        "gkid", "gkid_se", "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "held_out", "notes",
+        "versions", "elapsed_s", "rkid_subsets", "gkid_subsets"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
            "bits_per_pixel_base")
 
@@ -64,6 +63,7 @@ def test_eval_writes_every_metric(runs, capsys):
         assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
     assert result["rfd"] >= 0 and result["gfd"] >= 0 and result["bits_per_pixel_prior"] > 0
     assert (result["samples"], result["latent_steps"], result["decoder_steps"], result["seed"]) == (16, 2, 2, 3)
+    assert result["sampler"] == result["decoder_sampler"] == "ddim"
     assert result["reference_images"] == 400 and result["base_model_trained"] and result["notes"] == []
     assert result["held_out"] and "HELD-OUT" not in out
     # KID over 8 disjoint subsets of 2 samples (of 50 training images for gKID), so the standard errors say
