@@ -47,8 +47,8 @@ def test_the_whole_chain_path_draws_what_the_eager_chain_draws(sampler, interval
     images. On a CPU both run eagerly; on CUDA the first is one captured graph (GPU test below)."""
     torch.manual_seed(0)
     model = UnifiedLatents(micro_config().model).eval()
-    whole = model._whole_chain_capturable(3, sampler, "time", {"labels": torch.arange(2), "guidance": 2.0,
-                                                                "guidance_interval": interval})
+    whole = model._whole_chain_capturable(3, (sampler, sampler), "time", {"labels": torch.arange(2), "guidance": 2.0,
+                                                                          "guidance_interval": interval})
     assert whole == (sampler != "ancestral" and interval[0] < -15)
     runs = [model.sample(2, 3, 3, sampler, torch.Generator().manual_seed(4), labels=torch.tensor([1, 5]),
                          guidance=2.0, guidance_interval=interval, cuda_graph=flag) for flag in (False, True)]

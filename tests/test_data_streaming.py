@@ -100,6 +100,7 @@ def test_lazy_folder_reads_what_the_in_memory_folder_reads(tmp_path):
 
 def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "data")
+    (root / ".ul_fast").mkdir()  # as the first start leaves it (making it changes the folder: see the next test)
     age_folders(root)
     listings = []
     real_list = lazy_folder_module.list_image_folder
@@ -111,6 +112,7 @@ def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monk
     assert second.fingerprint() == first.fingerprint() and second.path(3) == first.path(3)
 
     write_folder(root, classes=1, per_class=6, seed=5)  # adds c0/5.png
+    age_folders(root)  # added long before the next start, as in real use (see the next test)
     grown = LazyImageFolder(root, 3)
     assert len(listings) == 2 and not grown.index_reused and len(grown) == 11
     assert grown.fingerprint() != first.fingerprint()
@@ -122,6 +124,29 @@ def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monk
     assert cached.index_path.parent == cache and cached.index_path.is_file() and not cached.index_reused
     assert LazyImageFolder(root, 3, cache_dir=cache).index_reused and len(listings) == 3
     assert not LazyImageFolder(root, 3).index_reused  # no cache at all: listed every time
+
+
+def test_a_file_added_in_the_clock_tick_of_the_listing_is_not_missed(tmp_path, monkeypatch):
+    """A folder's modification time moves by ticks of the file system's clock (2 s on FAT): a file added in the tick
+    in which the index was listed leaves the times the index recorded unchanged. Such an index is not trusted: the
+    next start lists the folder again, and once the folder has settled the index is reused."""
+    root = write_folder(tmp_path / "data")
+    first = LazyImageFolder(root, 3)
+    recorded = [(folder, folder.stat().st_mtime_ns) for folder in (root, root / "c0")]
+    write_folder(root, classes=1, per_class=6, seed=5)  # adds c0/5.png ...
+    for folder, mtime in recorded:  # ... in the same tick: the folders' times do not move
+        os.utime(folder, ns=(mtime, mtime))
+    second = LazyImageFolder(root, 3)
+    assert len(first) == 10 and len(second) == 11 and not second.index_reused
+    age_folders(root)
+    assert not LazyImageFolder(root, 3).index_reused and LazyImageFolder(root, 3).index_reused
+
+    fresh = write_folder(tmp_path / "fresh")  # a new folder: its first start makes fresh/.ul_fast, a change
+    age_folders(fresh)
+    assert not LazyImageFolder(fresh, 3).index_reused
+    later = time.time_ns() + 3 * 10**9  # the next starts, 3 s later: listed once more, then reused
+    monkeypatch.setattr(lazy_folder_module.time, "time_ns", lambda: later)
+    assert [LazyImageFolder(fresh, 3).index_reused for _ in range(2)] == [False, True]
 
 
 def test_streaming_specs_and_their_split_folders(tmp_path):

@@ -20,13 +20,14 @@ import yaml
 from PIL import Image
 
 from ul_fast.api.export import DTYPES, PARTS
-from ul_fast.config import DEVICE_PATTERN, preset_names
+from ul_fast.config import DEVICE_PATTERN, Config, preset_names
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
 
 def _train(args: argparse.Namespace) -> None:
     from ul_fast.config import load_config
     from ul_fast.train import Trainer, TrainingAborted, TrainingInterrupted
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.resume_policy import check_resume_changes, config_changes
     from ul_fast.train.run_folder import check_new_run
 
@@ -43,16 +44,22 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.overwrite:
             raise ValueError("ul-fast train: --overwrite replaces a run with a new one; it does not go with --resume")
+        if args.out:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run in its own folder: drop --out "
+                             f"{args.out} (a run is not continued into another folder)")
+        if args.config:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run with its own config.yaml: drop "
+                             f"--config {args.config} (--set KEY=VALUE changes what a resume may change)")
         run_dir = Path(args.resume)
-        config = load_config(str(run_dir / "config.yaml"), args.set)
+        config = load_run_config(run_dir, args.set)
         # Refused before any work; the trainer checks again against the checkpoint's own config.
-        check_resume_changes(config_changes(load_config(str(run_dir / "config.yaml")).to_dict(), config.to_dict()))
+        check_resume_changes(config_changes(load_run_config(run_dir).to_dict(), config.to_dict()))
     else:
         if not args.out:
             raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
         run_dir = Path(args.out)
         check_new_run(run_dir, args.overwrite)
-        config = load_config(args.config, args.set)
+        config = load_config(args.config or "tiny", args.set)
     if distributed and torch.cuda.is_available() and config.train.device == "auto":
         config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if args.no_progress:
@@ -73,6 +80,37 @@ def _train(args: argparse.Namespace) -> None:
         print(f"run written to {run_dir}")
 
 
+def _samplers(args: argparse.Namespace, config: Config) -> tuple[str, str]:
+    """``(base model's sampler, decoder's sampler)`` of ``ul-fast sample`` / ``eval``: ``--sampler`` sets both, and
+    ``--decoder-sampler`` the decoder's; by default the run's ``sample.sampler`` and ``sample.decoder_sampler``
+    (null: the same). A distilled decoder (:func:`~ul_fast.train.distill.distilled_decoder`) takes its own sampler
+    only (ValueError naming the options otherwise) and warns at other steps or another grid than its own."""
+    from ul_fast.train.distill import distilled_decoder
+
+    s = config.sample
+    latent = args.sampler or s.sampler
+    decoder = args.decoder_sampler or args.sampler or s.decoder_sampler or s.sampler
+    distilled = distilled_decoder(args.run)
+    if distilled is None:
+        return latent, decoder
+    where = (f"the decoder of {args.run}" + ("" if distilled["run"] == str(args.run) else
+                                             f" (from {distilled['run']})") +
+             f" is distilled for {distilled['steps']} {distilled['sampler']} steps on the {distilled['spacing']} grid")
+    if decoder != distilled["sampler"]:
+        if args.decoder_sampler:
+            raise ValueError(f"{where}: it samples right with {distilled['sampler']} only; drop --decoder-sampler "
+                             f"{args.decoder_sampler}")
+        option = f"--sampler {args.sampler}" if args.sampler else f"the run's sample.sampler {s.sampler}"
+        raise ValueError(f"{where}: it samples right with {distilled['sampler']} only, and {option} would apply to "
+                         f"it too; add --decoder-sampler {distilled['sampler']} to sample the base model with "
+                         f"{latent} and the decoder with {distilled['sampler']}")
+    steps, spacing = args.decoder_steps or s.decoder_steps, args.spacing or s.spacing
+    if (steps, spacing) != (distilled["steps"], distilled["spacing"]):
+        warnings.warn(f"{where}; at {steps} steps on the {spacing} grid its quality is unknown", UserWarning,
+                      stacklevel=2)
+    return latent, decoder
+
+
 def _sample(args: argparse.Namespace) -> None:
     from ul_fast.api import open_model
     from ul_fast.data import Conditioning
@@ -86,6 +124,10 @@ def _sample(args: argparse.Namespace) -> None:
     config, model = opened.config, opened.model
     m, s = config.model, config.sample
     if opened.base_model_trained:
+        if args.label is not None and m.context_dim:
+            raise ValueError(f"{args.run} is text-conditioned: it takes --prompt, not --label")
+        if args.label is not None and not m.num_classes:
+            raise ValueError(f"{args.run} is unconditional (model.num_classes: 0): drop --label")
         if args.prompt is not None and not m.context_dim:
             raise ValueError(f"--prompt needs a text-conditioned run; {args.run} has model.context_dim: null")
         if args.prompt is None and m.context_dim:
@@ -103,9 +145,10 @@ def _sample(args: argparse.Namespace) -> None:
         print(f"ul-fast: note: {args.run} has no trained base model (stage 2 has not run): sampling from its "
               f"stage-1 prior, unconditionally", file=sys.stderr)
         conditioning, columns = {"use_prior": True}, None
+    latent_sampler, decoder_sampler = _samplers(args, config)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(args.n, args.latent_steps or s.latent_steps, args.decoder_steps or s.decoder_steps,
-                          args.sampler or s.sampler, generator, progress=not args.no_progress,
+                          latent_sampler, generator, progress=not args.no_progress, decoder_sampler=decoder_sampler,
                           spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                           guidance=s.guidance if args.guidance is None else args.guidance,
                           guidance_interval=tuple(s.guidance_interval), **conditioning)
@@ -115,7 +158,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from ul_fast.api import open_model
-    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
+    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images, splits_apart
     from ul_fast.devices import resolve_device
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
     from ul_fast.files import write_json_atomically
@@ -127,16 +170,18 @@ def _eval(args: argparse.Namespace) -> None:
     config, model = opened.config, opened.model
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
+    latent_sampler, decoder_sampler = _samplers(args, config)
     train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
                                          stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
-    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
+    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=latent_sampler,
+                            decoder_sampler=decoder_sampler,
                             spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                             latent_steps=args.latent_steps or s.latent_steps,
                             decoder_steps=args.decoder_steps or s.decoder_steps,
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
                             base_trained=opened.base_model_trained, features=args.features,
-                            progress=not args.no_progress)
+                            held_out=splits_apart(config.data.dataset), progress=not args.no_progress)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
     record = {"run": str(args.run), "dataset": config.data.dataset, **result}
@@ -149,8 +194,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
     from ul_fast.devices import resolve_device
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.distill import Distiller, DistillSettings
     from ul_fast.train.preflight import check_device
 
@@ -158,7 +203,7 @@ def _distill(args: argparse.Namespace) -> None:
         raise ValueError("ul-fast distill: --overwrite replaces a distillation with a new one; it does not go with "
                          "--resume")
     check_device(args.device, "--device")
-    teacher = load_config(str(Path(args.run) / "config.yaml"))
+    teacher = load_run_config(args.run)
     settings = DistillSettings(
         teacher=str(args.run), from_steps=args.from_steps, to_steps=args.to_steps,
         steps_per_round=args.steps_per_round, batch_size=args.batch or teacher.train.batch_size, lr=args.lr,
@@ -186,13 +231,14 @@ def _prepare_shards(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.encode import encode_dataset
 
-    data = args.data or load_config(str(Path(args.run) / "config.yaml")).data.dataset
-    manifest = encode_dataset(args.run, data, args.out, dtype=args.dtype, flip=args.flip, batch_size=args.batch,
-                              device=args.device, shard_size=args.shard_size, num_workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+    run_data = load_run_config(args.run).data
+    manifest = encode_dataset(args.run, args.data or run_data.dataset, args.out, dtype=args.dtype, flip=args.flip,
+                              batch_size=args.batch, device=args.device, shard_size=args.shard_size,
+                              num_workers=args.workers, overwrite=args.overwrite,
+                              on_bad_image=args.on_bad_image or run_data.on_bad_image, progress=not args.no_progress)
     print(f"latent cache written to {manifest.parent}; train stage 2 on it with --set data.dataset=latents:"
           f"{manifest.parent} --set train.init_from={args.run} --set train.stage1_steps=0")
 
@@ -284,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
     # options several commands share, written once
     sampling = argparse.ArgumentParser(add_help=False)  # sample, eval
-    sampling.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sampling.add_argument("--sampler", choices=SAMPLERS,
+                          help="diffusion sampler of the base model and the decoder (default: the run's "
+                               "sample.sampler)")
+    sampling.add_argument("--decoder-sampler", choices=SAMPLERS,
+                          help="the decoder's sampler, when it differs from --sampler (default: the run's "
+                               "sample.decoder_sampler, else --sampler); a distilled decoder takes ddim only")
     sampling.add_argument("--spacing", choices=SPACINGS,
                           help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
     sampling.add_argument("--cuda-graph", action="store_true",
@@ -305,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model into a new run folder (--out) or continue one (--resume). Stage 1 trains the "
                     "encoder, the latent prior and the decoder; stage 2 the base model on the frozen latents. Every "
                     "setting is checked before any work starts.")
-    train.add_argument("--config", default="tiny",
+    train.add_argument("--config",
                        help=f"a preset ({', '.join(preset_names())}; default tiny) or a YAML file, which may start "
                             f"with 'extends: PRESET' and set only the keys that differ")
     train.add_argument("--out", help="run folder to create (refused if it holds a run: see --resume, --overwrite)")
@@ -443,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--workers", type=_non_negative_int, default=0, metavar="W",
                         help="DataLoader workers decoding a streamed data set (default 0: in this process)")
     encode.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    encode.add_argument("--on-bad-image", choices=("skip", "fail"),
+                        help="an undecodable image: leave it out with a warning (named in the manifest), or stop "
+                             "(default: the run's data.on_bad_image)")
     encode.set_defaults(func=_encode)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",

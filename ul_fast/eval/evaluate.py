@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ul_fast.data import Conditioning, ImageArrayDataset
 from ul_fast.eval.feature_net import load_fmnist_classifier
-from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
+from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance, kid_subset_sizes
 from ul_fast.eval.images import psnr
 from ul_fast.eval.inception import WEIGHTS_FILE_NAME as INCEPTION_WEIGHTS
 from ul_fast.eval.inception import check_fid_inception_file, load_fid_inception
@@ -52,6 +52,10 @@ NO_BASE_MODEL_NOTE = ("no trained base model (stage 2 has not run): gFD, gKID an
                       "out; rFD, rKID, PSNR and prior bits/pixel are given")
 SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixel is given under the base model "
                      "only")
+NOT_HELD_OUT_NOTE = ("{data} serves the same images as its training and test splits, so none of these numbers is "
+                     "held-out: rFD, rKID, PSNR and bits/pixel are measured on training images, and gFD, gKID compare "
+                     "samples with those same images; for held-out numbers give the data train/ and test/ folders (or "
+                     "train_images and test_images in the .npz)")
 GRAYSCALE_INCEPTION_NOTE = ("grayscale images are repeated to RGB for the Inception features, as pytorch-fid's "
                             "PIL convert('RGB') does; the Fashion-MNIST network (--features fmnist) was trained on "
                             "this kind of data and separates its classes better")
@@ -94,13 +98,15 @@ def in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_s
     return torch.cat(parts)
 
 
-def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_subset_size: int,
-                seed: int) -> dict[str, float]:
-    """``{"fd", "kid", "kid_se"}`` of two feature sets ``[N, D]``, KID rows drawn from a CPU generator."""
+def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_max_subset_size: int,
+                seed: int) -> dict[str, Any]:
+    """``{"fd", "kid", "kid_se", "kid_subsets"}`` of two feature sets ``[N, D]``, KID's subsets shuffled by a
+    CPU generator; ``kid_subsets`` = ``[count, rows of each reference subset, rows of each other subset]``."""
     fd = frechet_distance(*feature_statistics(reference), *feature_statistics(features))
-    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_subset_size,
+    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_max_subset_size,
                                             torch.Generator().manual_seed(seed))
-    return {"fd": fd, "kid": kid, "kid_se": kid_se}
+    subsets = kid_subset_sizes(len(reference), len(features), kid_subsets, kid_max_subset_size)
+    return {"fd": fd, "kid": kid, "kid_se": kid_se, "kid_subsets": list(subsets)}
 
 
 def _software_versions() -> dict[str, str]:
@@ -113,38 +119,48 @@ def _software_versions() -> dict[str, str]:
 
 @torch.no_grad()
 def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
-                   samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
+                   samples: int = 1000, sampler: str = "ddim", decoder_sampler: str | None = None,
+                   latent_steps: int = 32, decoder_steps: int = 32,
                    spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
-                   kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
-                   ) -> dict[str, Any]:
+                   kid_subsets: int = 10, kid_max_subset_size: int = 1000, held_out: bool = True,
+                   progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
     train_data / test_data: the run's data at the model's image size. base_trained: whether the base model
     has trained (False for a two-stage run whose stage 2 never ran: then no gFD, gKID or base-model bits/pixel,
-    and ``notes`` says so). Images are reconstructed, sampled and embedded ``batch_size`` at a time; the
-    numbers are a function of ``seed``, ``batch_size`` and the device.
+    and ``notes`` says so). held_out: whether ``test_data`` is held out from ``train_data``
+    (:func:`~ul_fast.data.splits_apart` of the run's data spec); False records ``held_out: false`` and a note
+    saying that every number is measured on training images. Images are reconstructed, sampled and embedded
+    ``batch_size`` at a time; the numbers are a function of ``seed``, ``batch_size`` and the device.
 
-    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``spacing``,
+    sampler: the base model's sampler; decoder_sampler: the decoder's (None: ``sampler``), for reconstructions and
+    samples.
+
+    Returns a JSON-ready dict: ``samples``, ``sampler``, ``decoder_sampler``, ``latent_steps``, ``decoder_steps``,
+    ``spacing``,
     ``guidance``,
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
-    ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
-    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``. A measure that does not apply is None. FD and KID are
-    in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
-    the set itself would all be the whole set, and KID's standard error would say nothing.
+    ``bits_per_pixel_base``, ``base_model_trained``, ``held_out``, ``notes`` (list of strings), ``versions``,
+    ``elapsed_s``, ``rkid_subsets``, ``gkid_subsets``. A measure that does not apply is None. FD and KID are
+    in squared feature units. KID is the mean over ``kid_subsets`` disjoint subsets of each set (of at most
+    ``kid_max_subset_size`` rows: :func:`~ul_fast.eval.frechet.kid_subset_sizes`), ``rkid_se`` / ``gkid_se`` its
+    standard error over independent draws
+    (:func:`~ul_fast.eval.frechet.kernel_inception_distance`); ``rkid_subsets`` / ``gkid_subsets`` record
+    ``[subsets, rows of each subset of the reference set, rows of each subset of the other]``.
     """
     start_time = time.perf_counter()
     config = model.config
+    decoder_sampler = decoder_sampler or sampler
     feature_notes = check_features(features, config.image_channels)
-    if samples < 2:
-        raise ValueError(f"--samples must be at least 2 (Fréchet distance needs a covariance), got {samples}")
+    if samples < 4:
+        raise ValueError(f"--samples must be at least 4 (KID's standard error needs 2 disjoint subsets of 2 images), "
+                         f"got {samples}")
     if samples > len(test_data):
         raise ValueError(f"--samples {samples} is more than the {len(test_data)} held-out images of "
                          f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
-    if kid_subset_size is None:
-        kid_subset_size = min(1000, samples // 2)
     device = next(model.parameters()).device
     feature_net = load_feature_network(features, device)
 
@@ -156,6 +172,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         return torch.Generator(device).manual_seed(seed + offset)
 
     notes = ([] if base_trained else [NO_BASE_MODEL_NOTE]) + feature_notes
+    if not held_out:
+        notes.insert(0, NOT_HELD_OUT_NOTE.format(data=test_data.source or "the data"))
     if model.single_stage:
         notes.append(SINGLE_STAGE_NOTE)
     originals = test_data.images[:samples]
@@ -164,12 +182,12 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     # 1. Reconstructions: rFD, rKID, PSNR.
     recon_generator = generator(0)
     reconstructions = in_batches(
-        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
+        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, decoder_sampler, recon_generator,
                                      spacing=spacing, cuda_graph=cuda_graph).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
     reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
-                                 kid_subsets, kid_subset_size, seed)
+                                 kid_subsets, kid_max_subset_size, seed)
     mean_psnr = float(psnr(reconstructions, originals).mean())
 
     # 2. Held-out bits/pixel of the same images' latents, under the prior and under the base model.
@@ -195,7 +213,7 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     bpp_base = bits_per_pixel("base", 2) if base_trained else None
 
     # 3. Samples of the base model against the training set: gFD, gKID.
-    generation = {"fd": None, "kid": None, "kid_se": None}
+    generation = {"fd": None, "kid": None, "kid_se": None, "kid_subsets": None}
     if base_trained:
         inputs, _ = conditioning.for_grid(samples)
         sample_generator = generator(3)
@@ -204,23 +222,25 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
             batch_inputs = {k: None if v is None else v[a:b] for k, v in inputs.items()}
             return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
                                 cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
-                                **batch_inputs).float().cpu()
+                                decoder_sampler=decoder_sampler, **batch_inputs).float().cpu()
 
         generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
-                                 embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
+                                 embed(generated, "features (samples)"), kid_subsets, kid_max_subset_size,
+                                 seed + 1)
 
     return {
-        "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
+        "samples": samples, "sampler": sampler, "decoder_sampler": decoder_sampler, "latent_steps": latent_steps,
+        "decoder_steps": decoder_steps,
         "spacing": spacing,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
-        "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+        "rkid_subsets": reconstruction["kid_subsets"], "gkid_subsets": generation["kid_subsets"],
         "rfd": reconstruction["fd"], "rkid": reconstruction["kid"], "rkid_se": reconstruction["kid_se"],
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
         "bits_per_pixel_prior": bpp_prior, "bits_per_pixel_base": bpp_base,
-        "base_model_trained": base_trained, "notes": notes, "versions": _software_versions(),
+        "base_model_trained": base_trained, "held_out": held_out, "notes": notes, "versions": _software_versions(),
         "elapsed_s": time.perf_counter() - start_time,
     }
 
@@ -243,10 +263,14 @@ def format_table(result: dict[str, Any]) -> str:
         ("bits/pixel (base model)", number(result["bits_per_pixel_base"])),
     ]
     width = max(len(name) for name, _ in rows)
-    header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
+    samplers = (result["sampler"] if result.get("decoder_sampler", result["sampler"]) == result["sampler"] else
+                f"{result['sampler']} (latent) and {result['decoder_sampler']} (decoder)")
+    header = (f"{result['samples']} images, {result['features']} features, {samplers} sampler "
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
               f"{result['spacing']} spacing), guidance {result['guidance']}, seed {result['seed']}, "
               f"{result['elapsed_s']:.1f} s")
+    if not result.get("held_out", True):
+        header += "\nNOT HELD-OUT: the test split is the training data (see the note): every number is on training data"
     return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 

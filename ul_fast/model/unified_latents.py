@@ -494,27 +494,33 @@ class UnifiedLatents(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, latent_steps: int = 32, decoder_steps: int = 32, sampler: str = "ddim",
                generator: torch.Generator | None = None, progress: bool = False, spacing: str = "time",
-               cuda_graph: bool = False, **conditioning) -> torch.Tensor:
-        """Generate ``n`` images: base model → noisy ``z_0`` → decoder (both with ``sampler`` on ``spacing``).
+               cuda_graph: bool = False, decoder_sampler: str | None = None, **conditioning) -> torch.Tensor:
+        """Generate ``n`` images: base model → noisy ``z_0`` → decoder, both on ``spacing``; the base model with
+        ``sampler``, the decoder with ``decoder_sampler`` (None: ``sampler``).
 
-        ``cuda_graph`` on CUDA: with a deterministic sampler (:data:`WHOLE_CHAIN_SAMPLERS`) and guidance decided
+        ``cuda_graph`` on CUDA: with deterministic samplers (:data:`WHOLE_CHAIN_SAMPLERS`) and guidance decided
         once for the whole grid (see :meth:`sample_latents`), the whole chain (both samplers and the final
         denoising) is captured once per batch size and settings and replayed; its starting noise is drawn from
         ``generator`` as the eager chain draws it, so the images are the same. Otherwise one network call per step
         is replayed."""
-        if cuda_graph and self._whole_chain_capturable(latent_steps, sampler, spacing, conditioning):
+        decoder_sampler = decoder_sampler or sampler
+        if cuda_graph and self._whole_chain_capturable(latent_steps, (sampler, decoder_sampler), spacing,
+                                                       conditioning):
             device = next(self.parameters()).device
             z = torch.randn((n, *self.latent_shape), device=device, generator=generator)
             x = None if self.mse_decoder else torch.randn((n, *self.image_shape), device=device, generator=generator)
-            chain = _graphed_chain(self, latent_steps, decoder_steps, sampler, spacing, conditioning)
+            chain = _graphed_chain(self, latent_steps, decoder_steps, (sampler, decoder_sampler), spacing,
+                                   conditioning)
             return chain(z, x, *(conditioning.get(key) for key in ("labels", "context", "pooled")))
         z_0 = self.sample_latents(n, latent_steps, sampler, generator=generator, progress=progress, spacing=spacing,
                                   cuda_graph=cuda_graph, **conditioning)
-        return self.decode(z_0, decoder_steps, sampler, generator, progress, spacing, cuda_graph)
+        return self.decode(z_0, decoder_steps, decoder_sampler, generator, progress, spacing, cuda_graph)
 
-    def _whole_chain_capturable(self, latent_steps: int, sampler: str, spacing: str, conditioning: dict) -> bool:
-        """Whether :meth:`sample`'s chain reads nothing on the host between its start and its end."""
-        if sampler not in WHOLE_CHAIN_SAMPLERS:
+    def _whole_chain_capturable(self, latent_steps: int, samplers: tuple[str, str], spacing: str,
+                                conditioning: dict) -> bool:
+        """Whether :meth:`sample`'s chain (with the base model's and the decoder's ``samplers``) reads nothing on
+        the host between its start and its end."""
+        if not set(samplers) <= set(WHOLE_CHAIN_SAMPLERS):
             return False
         guided = any(conditioning.get(key) is not None for key in ("labels", "context", "pooled")) and \
             conditioning.get("guidance", 1.0) != 1.0 and not conditioning.get("use_prior", False)
@@ -530,14 +536,14 @@ WHOLE_CHAIN_SAMPLERS = ("ddim", "dpmpp_2m", "heun")
 _GRAPHED_CHAINS: weakref.WeakKeyDictionary[UnifiedLatents, dict[tuple, GraphedCall]] = weakref.WeakKeyDictionary()
 
 
-def _graphed_chain(model: UnifiedLatents, latent_steps: int, decoder_steps: int, sampler: str, spacing: str,
-                   conditioning: dict) -> GraphedCall:
+def _graphed_chain(model: UnifiedLatents, latent_steps: int, decoder_steps: int, samplers: tuple[str, str],
+                   spacing: str, conditioning: dict) -> GraphedCall:
     """The :class:`GraphedCall` of a whole sampling chain ``(z_T, x_T, labels, context, pooled) → images`` for
     these settings, kept (weakly) for the model's life so that later chains replay the first one's graphs."""
     guidance = conditioning.get("guidance", 1.0)
     interval = tuple(conditioning.get("guidance_interval", (-math.inf, math.inf)))
     use_prior = conditioning.get("use_prior", False)
-    key = (latent_steps, decoder_steps, sampler, spacing, guidance, interval, use_prior)
+    key = (latent_steps, decoder_steps, samplers, spacing, guidance, interval, use_prior)
     chains = _GRAPHED_CHAINS.setdefault(model, {})
     if key not in chains:
         owner = weakref.ref(model)  # the graphs must not keep the model alive
@@ -545,9 +551,9 @@ def _graphed_chain(model: UnifiedLatents, latent_steps: int, decoder_steps: int,
         def chain(z_start: torch.Tensor, x_start: torch.Tensor | None, labels: torch.Tensor | None,
                   context: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
             m = owner()
-            z_0 = m.sample_latents(z_start.shape[0], latent_steps, sampler, labels, context, pooled, guidance,
+            z_0 = m.sample_latents(z_start.shape[0], latent_steps, samplers[0], labels, context, pooled, guidance,
                                    interval, use_prior, spacing=spacing, noise=z_start)
-            return m.decode(z_0, decoder_steps, sampler, spacing=spacing, noise=x_start)
+            return m.decode(z_0, decoder_steps, samplers[1], spacing=spacing, noise=x_start)
 
         chains[key] = GraphedCall(chain, module=model)
     return chains[key]

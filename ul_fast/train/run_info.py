@@ -5,14 +5,20 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ul_fast.config import SINGLE_STAGE, ConfigError, load_config
-from ul_fast.train.checkpoint import CheckpointError, CheckpointWarning, load_state, newest_readable_checkpoint
+from ul_fast.config import SINGLE_STAGE, ConfigError
+from ul_fast.train.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    load_run_config,
+    load_state,
+    newest_readable_checkpoint,
+)
 
 
 def base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> bool:
     """Whether the base model of a run has trained: in single_stage mode stage 1 trains it; in two_stage mode
     once the run's newest readable checkpoint is in stage 2, or the run it was initialised from had one."""
-    config = load_config(str(Path(run_dir) / "config.yaml"))
+    config = load_run_config(run_dir)
     if config.model.mode == SINGLE_STAGE:
         return True
     with warnings.catch_warnings():  # a skipped checkpoint was already reported when the weights were read
