@@ -147,6 +147,29 @@ def test_a_stage_whose_every_step_was_skipped_fails(tmp_path, monkeypatch):
     assert trainer.stage == 1  # stage 2 never started on an untrained stage 1
 
 
+def test_an_update_that_made_the_weights_non_finite_stops_the_run_and_writes_nothing(tmp_path, monkeypatch):
+    """Issue 23 item 7, the trainer's side: a diverged update (finite loss and gradient, non-finite weights after
+    it) never reaches a checkpoint; the run stops at the next checkpoint and the newest good one stays newest."""
+    from ul_fast.train import TrainingDiverged
+    from ul_fast.train.checkpoint import latest_checkpoint
+
+    trainer = Trainer(micro_config(train={"stage1_steps": 8, "stage2_steps": 0, "checkpoint_every": 2,
+                                          "log_every": 1, "eval_every": 1000, "keep_last": 1}), tmp_path / "run")
+    real_step = trainer.train_step
+
+    def diverging_step():
+        real_step()
+        if trainer.stage_step == 2:  # step 3's update blows a weight up
+            with torch.no_grad():
+                next(trainer.model.decoder.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(trainer, "train_step", diverging_step)
+    with pytest.raises(TrainingDiverged, match="the weights are no longer finite at step 4 .*holds NaN or inf"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
 # ------------------------------------------------------------------------------- one compiled loss
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c != "gradient accumulation"])

@@ -42,6 +42,7 @@ from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import (
     CheckpointError,
+    NonFiniteWeightsError,
     clean_staging,
     load_state,
     newest_readable_checkpoint,
@@ -300,12 +301,25 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint (a collective under DDP/FSDP: every rank calls it, rank 0 writes)."""
+        """Checkpoint (a collective under DDP/FSDP: every rank calls it, rank 0 writes).
+
+        Weights that are no longer finite (an update diverged although its loss and gradient were finite, e.g. a
+        learning rate far too high) are never written: the run stops with :class:`TrainingDiverged`, every rank
+        alike, and the newest checkpoint stays the newest."""
         state = self.training_state()
         weights = gather_weights(self.model, self.sharded)
         ema_weights = gather_weights(self.ema_model, self.sharded)
+        error: NonFiniteWeightsError | None = None
         if self.is_main:
-            save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state, self.config.train.keep_last)
+            try:
+                save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state,
+                                self.config.train.keep_last)
+            except NonFiniteWeightsError as caught:
+                error = caught
+        if self._any_rank(int(error is not None)):
+            raise TrainingDiverged(f"the weights are no longer finite at step {self.global_step} ({error or 'rank 0'}):"
+                                   " training diverged; nothing was written and the newest checkpoint is untouched; "
+                                   "resume it with a lower train.lr (or base_lr)")
 
     def _read_checkpoint(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(training state, weights, EMA weights) of a checkpoint folder, each validated."""
