@@ -222,14 +222,15 @@ def test_an_empty_or_truncated_run_config_is_named_not_the_checkpoints(tmp_path,
     config.write_text(text[:text.index("\ntrain:")])  # cut after the model section
     one_line_error(capsys, ["sample", "--run", str(run)], f"{config} lacks train.seed, train.device, train.batch_size "
                                                           "and ", "checkpoint step_00000001", "truncated")
-    config.write_text(text.replace("  cuda_graph: false\n", ""))  # as a version before sample.cuda_graph wrote it
+    config.write_text(text.replace("  cuda_graph: false\n", ""))  # as a version before train/sample.cuda_graph
     from ul_fast.train.checkpoint import load_run_config, load_state
 
     state = load_state(run / "checkpoints" / "step_00000001")
-    del state["config"]["sample"]["cuda_graph"]
+    del state["config"]["sample"]["cuda_graph"], state["config"]["train"]["cuda_graph"]
     __import__("torch").save(state, run / "checkpoints" / "step_00000001" / "state.pt")
     (run / "checkpoints" / "step_00000001" / "checksums.json").unlink()
-    assert load_run_config(run).sample.cuda_graph is False
+    config_read = load_run_config(run)
+    assert config_read.sample.cuda_graph is False and config_read.train.cuda_graph is False
 
 
 def test_init_from_a_run_of_another_image_size_is_refused(runs, tmp_path):
