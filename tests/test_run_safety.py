@@ -233,14 +233,16 @@ def test_an_older_damaged_checkpoint_is_moved_aside_too(tmp_path):
                                 "step_00000010"]
 
 
-@pytest.mark.parametrize("pointer", ["..", "", ".", "step_00000004/..", "../../etc"])
-def test_a_latest_pointer_that_names_no_checkpoint_is_refused(tmp_path, pointer):
+def test_a_latest_pointer_that_names_no_checkpoint_is_refused(tmp_path):
+    """`..` or an empty line in checkpoints/latest was taken for a checkpoint folder."""
     run = tmp_path / "run"
     fit(run, stage1_steps=6)
-    (run / "checkpoints/latest").write_text(pointer + "\n")
-    with pytest.raises(CheckpointError, match=rf"latest holds {re.escape(repr(pointer))}, not the name of a "
-                                              r"checkpoint folder \(step_N\)"):
-        latest_checkpoint(run)
+    for pointer in ("..", "", ".", "step_00000004/..", "../../etc"):
+        (run / "checkpoints/latest").write_text(pointer + "\n")
+        with pytest.raises(CheckpointError, match=rf"latest holds {re.escape(repr(pointer))}, not the name of a "
+                                                  r"checkpoint folder \(step_N\)"):
+            latest_checkpoint(run)
+    (run / "checkpoints/latest").write_text("..\n")
     with pytest.warns(CheckpointWarning, match="trying the checkpoint folders instead"):
         fit(run, resume=True, stage1_steps=8)  # takes step 6, the newest folder
     assert latest_checkpoint(run).name == "step_00000008"
