@@ -1,216 +1,240 @@
-"""UL training-step benchmark: which dispatch of the ops makes a whole optimiser step fastest, measured as
-ratios in one run.
+"""UL training-step benchmark: the trainer's real step (data, loss, backward, clipping, AdamW, EMA) under each way
+of running it, as step times, ratios and MFU measured in one run.
 
-For a preset (default ``fmnist``: 32×32, latent 8×8×4, batch 256) it times one optimiser step of stage 1
-(encoder + prior + decoder, three noise injections, two diffusion losses) and of stage 2 (base model) under
-these dispatches (``ul_fast.ops.dispatch``), in phases:
+Phases (``--phases``, in this order by default):
 
-1. eager, per stage: ``reference`` (``UL_FAST_BACKEND=reference``: pure PyTorch, SDPA attention); ``ul_fast``
-   (the default, ``auto``: every kernel but those ``dispatch.REFERENCE_IS_FASTER`` lists); ``all kernels``
-   (``fast``; only where it differs from ``ul_fast``); and the per-op ablation ``all kernels - OP``
-   (``UL_FAST_REFERENCE_OPS=OP``) for each op with a kernel on this device type. An ablation row faster than
-   ``all kernels`` names a kernel that slows the step.
-2. eager, per stage: ``best`` = all kernels minus every op whose ablation row was faster (the measured-best
-   dispatch), interleaved with ``reference`` again, so that its speed-up is a ratio within one run too.
-3. compiled, for the stages in ``--compile-stages`` (default 1; compiling the four networks took over 60 s
-   per variant on an H200): ``reference+compile`` and ``ul_fast+compile``, networks under ``torch.compile``.
+``table``
+    Per stage of a preset (default ``fmnist``, batch 256), one :class:`~ul_fast.train.Trainer` per variant, timed
+    round by round, interleaved: ``reference`` (``UL_FAST_BACKEND=reference``: pure PyTorch, SDPA attention,
+    eager), ``reference+compile`` (``train.compile``: the whole loss under ``torch.compile``), ``ul_fast`` (the
+    default dispatch, eager), ``ul_fast+compile``, ``ul_fast+graph`` (``train.cuda_graph``: the whole step
+    captured once and replayed) and ``ul_fast+compile+graph``. Each row reports ms/step, images/s, achieved
+    TFLOP/s and MFU (FLOPs per example from :mod:`ul_fast.train.flops`), and its speed-up over ``reference`` and
+    over ``reference+compile`` in the same rounds. The issue's goals: ≥ 3× the first and ≥ 1.5× the second.
+``ablation``
+    Per stage, inside the graph-captured step (where launch overhead no longer hides a kernel): ``all kernels``
+    (``UL_FAST_BACKEND=fast``) and ``all kernels - OP`` per op with a kernel on this device. A row faster than
+    ``all kernels`` names a kernel that slows the captured step (for ``dispatch.REFERENCE_IS_FASTER``).
+``paper``
+    ``imagenet512-paper`` on this one device, per stage: the largest power-of-two batch that trains (random
+    512×512 images), its peak memory, and the step time and MFU of ``ul_fast+graph`` (and ``ul_fast``) there.
 
-The variants of a phase share one model and run interleaved, round by round (``--rounds``, each variant
-``--steps`` timed steps per round), so drift and other processes' load hit them alike; the dispatch is
-chosen by setting both environment variables before each variant's steps (dynamo guards on the values of
-variables set while it traced, so a compiled network keeps one graph per dispatch). A row's time is the
-median over rounds of the round's median step; its speed-up is the median over rounds of (baseline's time /
-its time) in the same round; the table shows the quartiles over rounds of both as their spread (the JSON also
-has min and max). bf16 autocast and fused AdamW on CUDA, as the trainer does; CUDA events on GPU,
-``perf_counter`` (or with ``--clock cpu`` the process's CPU time) on CPU; warm-up steps (which include
-autotuning and compilation) are not timed.
+Timing: each variant runs ``--steps`` consecutive ``train_step`` calls per round between two device
+synchronisations (the host queues steps ahead of the GPU as in training; the metric window is read once per block,
+as a log record would), after untimed warm-up steps (compilation, capture). A row's time is the median over rounds;
+its speed-up the median over rounds of the baseline's time over its own in the same round. The JSON (every
+round's times) is rewritten after every round, so a run cut short keeps what it measured.
 
-Each phase prints its rows as soon as it ends, and the JSON (with every round's times) is rewritten after
-every round, so a run cut short keeps what it measured.
-
-Usage: python benchmarks/gpu_bench_train_step.py [--config fmnist] [--batch 256] [--rounds 3] [--steps 10]
-           [--no-ablation] [--compile-stages 1|1,2|none] [--clock wall|cpu] [--out DIR]
+Usage: python benchmarks/gpu_bench_train_step.py [--config fmnist] [--batch 256] [--rounds 3] [--steps 20]
+           [--phases table,ablation,paper] [--stages 1,2] [--compile-stages 1,2] [--out DIR]
        python benchmarks/gpu_bench_train_step.py --smoke   # CPU, micro sizes, a few steps: code paths only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ul_fast.config import load_config
-from ul_fast.model import UnifiedLatents
+from ul_fast.config import Config, load_config
 from ul_fast.ops import dispatch
+from ul_fast.train import Trainer
+from ul_fast.train.flops import flops_per_example, peak_tflops
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SMOKE_OVERRIDES = ["model.image_size=16", "model.encoder.channels=[16,16]", "model.encoder.blocks_per_stage=[1,1]",
                    "model.prior.widths=[32]", "model.prior.depths=[1]", "model.prior.head_dim=16",
                    "model.decoder.conv_channels=[16]", "model.decoder.width=32", "model.decoder.depth=1",
                    "model.decoder.head_dim=16", "model.base.widths=[32]", "model.base.depths=[1]",
                    "model.base.head_dim=16"]
+PHASES = ("table", "ablation", "paper")
 
 
 @dataclass
 class Variant:
-    """One dispatch of the ops, timed as one table row."""
+    """One way of running the trainer's step: a dispatch of the ops, compiled or not, graph-captured or not."""
 
     name: str
-    backend: str  # UL_FAST_BACKEND
+    backend: str = "auto"  # UL_FAST_BACKEND
     reference_ops: tuple[str, ...] = ()  # UL_FAST_REFERENCE_OPS
-    round_ms: list[float] = field(default_factory=list)  # per round: the median step, ms
+    compile: bool = False  # train.compile
+    graph: bool = False  # train.cuda_graph
+    round_ms: list[float] = field(default_factory=list)  # per round: ms per step
+    trainer: Trainer | None = None
 
     def select(self) -> None:
         os.environ["UL_FAST_BACKEND"] = self.backend
         os.environ["UL_FAST_REFERENCE_OPS"] = ",".join(self.reference_ops)
 
 
-def make_step(config, batch: int, stage: int, compiled: bool, compile_backend: str,
-              device: torch.device) -> Callable[[], None]:
-    """One optimiser step of ``stage`` on a fixed random batch, for a fresh model (seed 0)."""
-    torch.manual_seed(0)
-    model = UnifiedLatents(config.model).to(device)
-    prefixes = tuple(f"{name}." for name in model.trained_networks(stage))
-    params = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith(prefixes))
+def table_variants(compiled: bool) -> list[Variant]:
+    variants = [Variant("reference", "reference"), Variant("ul_fast"), Variant("ul_fast+graph", graph=True)]
     if compiled:
-        for name in model.NETWORKS:
-            if getattr(model, name) is not None:
-                getattr(model, name).compile(backend=compile_backend)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    m = config.model
-    x = torch.rand(batch, m.image_channels, m.image_size, m.image_size, device=device) * 2 - 1
-    labels = torch.randint(0, max(m.num_classes, 1), (batch,), device=device) if m.num_classes else None
-    generator = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    loss = model.stage1_loss if stage == 1 else model.stage2_loss
-
-    def step() -> None:
-        with autocast:
-            out = loss(x, labels if stage == 2 else None, generator=generator)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+        variants[1:1] = [Variant("reference+compile", "reference", compile=True)]
+        variants += [Variant("ul_fast+compile", compile=True), Variant("ul_fast+compile+graph", compile=True,
+                                                                       graph=True)]
+    return variants
 
 
-def median_step_ms(step: Callable[[], None], steps: int, device: torch.device, clock: Callable[[], float]) -> float:
-    """The median of ``steps`` steps in ms: CUDA events on GPU, else ``clock`` (seconds)."""
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = clock()
-            step()
-            times.append((clock() - start_s) * 1e3)
-    return statistics.median(times)
+def ablation_variants(device_type: str) -> list[Variant]:
+    ops = [op for op in dispatch.OPS if (op, device_type) in dispatch.KERNELS]
+    return [Variant("graph: all kernels", "fast", graph=True),
+            *(Variant(f"graph: all kernels - {op}", "fast", (op,), graph=True) for op in ops)]
 
 
-def run_interleaved(variants: list[Variant], step: Callable[[], None], warmup: int, rounds: int, steps: int,
-                    device: torch.device, clock: Callable[[], float], after_round: Callable[[], None]) -> None:
-    """Warm every variant up, then time them round by round, rotating which goes first."""
-    for variant in variants:
-        variant.select()
-        for _ in range(warmup):
-            step()
+def make_trainer(config: Config, variant: Variant, stage: int, run_dir: Path) -> Trainer:
+    """A trainer of ``config`` at the start of ``stage`` (stage 2: stage 1's fresh weights frozen), for ``variant``."""
+    variant.select()
+    torch.manual_seed(0)
+    config.train.compile, config.train.cuda_graph = variant.compile, variant.graph
+    trainer = Trainer(config, run_dir / variant.name.replace(" ", "_").replace(":", ""))
+    if stage == 2:  # without the trainer's stage change, which evaluates (minutes at 512 px)
+        trainer.stage, trainer.stage_step = 2, 0
+        trainer._new_optimizer()
+    return trainer
+
+
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_block(trainer: Trainer, steps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """ms per step of ``steps`` consecutive steps, the metric window read once at the end (as a log record)."""
+    synchronize(trainer.device)
+    start = clock()
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.step.window.read()
+    synchronize(trainer.device)
+    trainer.step.window.reset()
+    return (clock() - start) * 1e3 / steps
+
+
+def run_rounds(variants: list[Variant], make: Callable[[Variant], Trainer], warmup: int, rounds: int, steps: int,
+               after_round: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> None:
+    """Build and warm every variant up, then time them round by round, rotating which goes first."""
+    for variant in variants:
+        variant.trainer = make(variant)
+        for _ in range(warmup):
+            variant.trainer.train_step()
+        variant.trainer.step.window.reset()
     for r in range(rounds):
         shift = r % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             variant.select()
-            variant.round_ms.append(median_step_ms(step, steps, device, clock))
+            variant.round_ms.append(time_block(variant.trainer, steps, clock))
         after_round()
 
 
-def quartiles(values: list[float]) -> tuple[float, float]:
-    """The first and third quartiles (the spread the table shows; the JSON also has min and max)."""
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def speedups(variant: Variant, baseline: Variant) -> list[float]:
-    """Per round, baseline's time over the variant's (the variants of a phase run the same rounds)."""
+def ratios(variant: Variant, baseline: Variant) -> list[float]:
     return [b / v for b, v in zip(baseline.round_ms, variant.round_ms)]
 
 
-def ablation_variants(device_type: str) -> list[Variant]:
-    """Phase 1: reference, the default dispatch, all kernels (where different), all kernels minus each op."""
-    with_kernel = [op for op in dispatch.OPS if (op, device_type) in dispatch.KERNELS]
-    variants = [Variant("reference", "reference"), Variant("ul_fast", "auto")]
-    if any((op, device_type) in dispatch.REFERENCE_IS_FASTER for op in with_kernel):
-        variants.append(Variant("all kernels", "fast"))
-    variants += [Variant(f"all kernels - {op}", "fast", (op,)) for op in with_kernel]
-    return variants
-
-
-def best_variant(ablation: list[Variant]) -> Variant:
-    """All kernels minus every op whose ablation row (median over rounds) beat the all-kernels row."""
-    rows = {v.name: statistics.median(v.round_ms) for v in ablation}
-    all_kernels = rows.get("all kernels", rows["ul_fast"])  # ul_fast *is* all kernels when that row is absent
-    slower = tuple(v.reference_ops[0] for v in ablation if v.reference_ops and rows[v.name] < all_kernels)
-    return Variant("best: all kernels" + "".join(f" - {op}" for op in slower), "fast", slower)
-
-
 class Report:
-    """The table on stdout, row by row, and the JSON file, rewritten whenever it changes."""
+    """The tables on stdout as rows finish, and the JSON, rewritten whenever it changes."""
 
-    def __init__(self, path: Path, header: dict, batch: int):
-        self.path, self.header, self.batch = path, header, batch
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = path, header
         self.rows: list[dict] = []
-        self.phases: list[dict] = []  # the phase running and those done, with their variants' round times
-
-    def start_phase(self, stage: int, mode: str, variants: list[Variant]) -> None:
-        self.phases.append({"stage": stage, "mode": mode, "variants": variants})
+        self.phases: list[dict] = []
 
     def save(self) -> None:
-        phases = [{"stage": p["stage"], "mode": p["mode"],
-                   "variants": [{"name": v.name, "UL_FAST_BACKEND": v.backend,
-                                 "UL_FAST_REFERENCE_OPS": ",".join(v.reference_ops), "round_ms": v.round_ms}
-                                for v in p["variants"]]} for p in self.phases]
+        phases = [{**p, "variants": [{"name": v.name, "round_ms": v.round_ms} for v in p["variants"]]}
+                  for p in self.phases]
         self.path.write_text(json.dumps({**self.header, "rows": self.rows, "phases": phases}, indent=1))
 
-    def add_rows(self, stage: int, variants: list[Variant], baseline: Variant) -> None:
+    def add_rows(self, phase: str, stage: int, variants: list[Variant], baselines: list[Variant], batch: int,
+                 flops: float, peak: float | None, extra: dict | None = None) -> None:
         for variant in variants:
-            times, ratios = variant.round_ms, speedups(variant, baseline)
-            ms, speedup = statistics.median(times), statistics.median(ratios)
-            (ms_q1, ms_q3), (speedup_q1, speedup_q3) = quartiles(times), quartiles(ratios)
-            row = {"stage": stage, "variant": variant.name, "ms": ms, "ms_q1": ms_q1, "ms_q3": ms_q3,
-                   "ms_min": min(times), "ms_max": max(times), "images_per_s": self.batch / (ms * 1e-3),
-                   "speedup": speedup, "speedup_q1": speedup_q1, "speedup_q3": speedup_q3,
-                   "speedup_min": min(ratios), "speedup_max": max(ratios), "baseline": baseline.name,
-                   "rounds": len(ratios), "UL_FAST_BACKEND": variant.backend,
-                   "UL_FAST_REFERENCE_OPS": ",".join(variant.reference_ops)}
+            ms = statistics.median(variant.round_ms)
+            tflops = flops * batch / (ms * 1e-3) / 1e12
+            row = {"phase": phase, "stage": stage, "variant": variant.name, "batch": batch, "ms": ms,
+                   "ms_min": min(variant.round_ms), "ms_max": max(variant.round_ms),
+                   "images_per_s": batch / (ms * 1e-3), "tflops": tflops,
+                   "mfu": None if peak is None else tflops / peak, "rounds": len(variant.round_ms),
+                   "UL_FAST_BACKEND": variant.backend, "UL_FAST_REFERENCE_OPS": ",".join(variant.reference_ops),
+                   "compile": variant.compile, "cuda_graph": variant.graph, **(extra or {})}
+            if variant.trainer is not None and variant.trainer.step.graph_failure:
+                row["graph_failure"] = variant.trainer.step.graph_failure
+            cells = []
+            for baseline in baselines:
+                speedup = statistics.median(ratios(variant, baseline))
+                row[f"speedup_vs_{baseline.name}"] = speedup
+                cells.append(f"{speedup:.2f}x")
             self.rows.append(row)
-            print(f"| {stage} | {variant.name} | {ms:.2f} ({ms_q1:.2f}-{ms_q3:.2f}) | {row['images_per_s']:.0f} | "
-                  f"{speedup:.3f}x ({speedup_q1:.3f}-{speedup_q3:.3f}) | {baseline.name} |", flush=True)
+            mfu = "–" if row["mfu"] is None else f"{100 * row['mfu']:.1f} %"
+            print(f"| {phase} | {stage} | {variant.name} | {batch} | {ms:.2f} ({row['ms_min']:.2f}-{row['ms_max']:.2f})"
+                  f" | {row['images_per_s']:.0f} | {tflops:.1f} | {mfu} | {' | '.join(cells)} |", flush=True)
         self.save()
 
 
-def parse_stages(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    stages = tuple(int(s) for s in text.split(","))
-    if not set(stages) <= {1, 2}:
-        raise argparse.ArgumentTypeError(f"stages are 1 and 2, got {text!r}")
-    return stages
+def release(variants: list[Variant]) -> None:
+    """Free the variants' trainers (and their graphs and compiled code) before the next phase (a trainer is part of
+    reference cycles: its step's loss calls back into it, so only the cycle collector frees it)."""
+    for variant in variants:
+        variant.trainer = None
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_image_file(folder: Path, size: int, channels: int, classes: int, count: int) -> str:
+    """An ``array:`` spec of ``count`` random uint8 images per split (train and test), random labels (a batch
+    larger than ``count`` spans several epochs)."""
+    rng = np.random.default_rng(0)
+    path = folder / f"random-{size}.npz"
+    arrays = {}
+    for split in ("train", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, size, size, channels), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, max(classes, 1), count)
+    np.savez(path, **arrays)
+    return f"array:{path}"
+
+
+def largest_batch(make: Callable[[int], Trainer], start: int, limit: int) -> tuple[int, float]:
+    """The largest power-of-two batch (from ``start``, at most ``limit``) whose step runs; its peak GiB."""
+    best, best_gib, batch = 0, 0.0, start
+    while batch <= limit:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            trainer = make(batch)
+            for _ in range(2):
+                trainer.train_step()
+            synchronize(trainer.device)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            trainer = None
+        best, best_gib = batch, torch.cuda.max_memory_allocated() / 2**30
+        batch *= 2
+    gc.collect()
+    torch.cuda.empty_cache()
+    return best, best_gib
+
+
+def parse_list(text: str, allowed: tuple) -> tuple:
+    items = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    items = tuple(int(t) if t.isdigit() else t for t in items)
+    if not set(items) <= set(allowed):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {allowed}, got {text!r}")
+    return items
 
 
 def main() -> None:
@@ -218,63 +242,84 @@ def main() -> None:
     parser.add_argument("--config", default="fmnist")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per phase")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
-    parser.add_argument("--no-ablation", action="store_true",
-                        help="eager phases: reference and ul_fast only (no per-op rows, no best dispatch)")
-    parser.add_argument("--compile-stages", type=parse_stages, default=(1,), metavar="1|1,2|none",
-                        help="the stages whose compiled variants run (default 1)")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (smoke: aot_eager)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps per variant (compile, capture)")
+    parser.add_argument("--phases", type=lambda t: parse_list(t, PHASES), default=PHASES)
+    parser.add_argument("--stages", type=lambda t: parse_list(t, (1, 2)), default=(1, 2))
+    parser.add_argument("--compile-stages", type=lambda t: parse_list(t, (1, 2)), default=(1, 2),
+                        help="the stages whose table has the compiled variants (compiling costs ~1 min each)")
+    parser.add_argument("--paper-limit", type=int, default=256, help="the largest paper-config batch tried")
     parser.add_argument("--clock", choices=CLOCKS, default="wall",
-                        help="CPU only: wall time, or this process's CPU time (steadier where other processes "
-                             "share the cores; with one thread it is the step's compute)")
+                        help="wall time, or (CPU runs) this process's CPU time: steadier where other processes share "
+                             "the cores; with one thread it is the step's compute")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="CPU, micro model, a few steps: check the code runs")
     args = parser.parse_args()
     if args.smoke:
-        args.batch, args.rounds, args.steps, args.warmup = 4, 2, 1, 1
-    config = load_config(args.config, SMOKE_OVERRIDES if args.smoke else [])
+        args.batch, args.rounds, args.steps, args.warmup = 4, 2, 2, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = peak_tflops(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ul_fast_bench_"))
+    overrides = [f"train.batch_size={args.batch}", "train.progress=false", f"train.device={device.type}",
+                 "data.dataset=fmnist-embedded", "train.grad_accumulation=1", "train.log_every=1000000",
+                 "train.eval_every=1000000", "train.checkpoint_every=1000000"]
+    config_text = args.config
     report = Report(out / "bench_train_step.json", {
         "device": device_name, "torch": torch.__version__, "config": args.config, "batch": args.batch,
-        "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps,
-        "clock": "cuda events" if device.type == "cuda" else args.clock,
-        "reference_is_faster": {f"{op}[{d}]": why for (op, d), why in dispatch.REFERENCE_IS_FASTER.items()}},
-        args.batch)
-    print(f"## UL training step, preset {args.config}, batch {args.batch} ({device_name}, torch {torch.__version__}, "
-          f"{args.rounds} interleaved rounds x {args.steps} steps, {report.header['clock']} time)")
-    print("| stage | variant | ms/step (quartiles over rounds) | images/s | speed-up over baseline (quartiles) | "
-          "baseline |")
-    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+        "peak_tflops": peak, "rounds": args.rounds, "steps": args.steps, "threads": torch.get_num_threads(),
+        "clock": "wall" if device.type == "cuda" else args.clock,
+        "reference_is_faster": {f"{op}[{d}]": why for (op, d), why in dispatch.REFERENCE_IS_FASTER.items()}})
+    print(f"## UL training step ({device_name}, torch {torch.__version__}, peak {peak} TFLOP/s; {args.rounds} "
+          f"interleaved rounds x {args.steps} steps)")
+    print("| phase | stage | variant | batch | ms/step (min-max) | images/s | TFLOP/s | MFU | speed-ups |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
 
-    def run_phase(stage: int, mode: str, variants: list[Variant], compiled: bool, warmup: int) -> None:
+    def phase(name: str, stage: int, variants: list[Variant], config: Config, baselines: int,
+              extra: dict | None = None) -> None:
         torch._dynamo.reset()
-        step = make_step(config, args.batch, stage, compiled, args.compile_backend, device)
-        report.start_phase(stage, mode, variants)
-        run_interleaved(variants, step, warmup, args.rounds, args.steps, device, CLOCKS[args.clock], report.save)
-        report.add_rows(stage, variants, variants[0])
+        report.phases.append({"phase": name, "stage": stage, "variants": variants})
+        batch = config.train.batch_size
+        run_rounds(variants, lambda v: make_trainer(config, v, stage, scratch), args.warmup, args.rounds, args.steps,
+                   report.save, CLOCKS[args.clock])
+        report.add_rows(name, stage, variants, variants[:baselines], batch, flops_per_example(config.model, stage),
+                        peak, extra)
+        release(variants)
 
-    best = {}
-    for stage in (1, 2):
-        if args.no_ablation:
-            run_phase(stage, "eager", [Variant("reference", "reference"), Variant("ul_fast", "auto")], False,
-                      args.warmup)
-            continue
-        ablation = ablation_variants(device.type)
-        run_phase(stage, "eager", ablation, compiled=False, warmup=args.warmup)
-        best[stage] = best_variant(ablation)
-        run_phase(stage, "eager best", [Variant("reference", "reference"), best[stage]], False, args.warmup)
-    for stage in args.compile_stages:
-        # the first step compiles; the second lets any recompilation (e.g. for grad mode) happen untimed
-        run_phase(stage, "compile", [Variant("reference+compile", "reference"),
-                                     Variant("ul_fast+compile", "auto")], compiled=True, warmup=2)
-    print()
-    for stage, variant in best.items():
-        print(f"stage {stage} measured-best dispatch: UL_FAST_BACKEND=fast "
-              f"UL_FAST_REFERENCE_OPS={','.join(variant.reference_ops)}")
+    smoke = SMOKE_OVERRIDES if args.smoke else []
+    if "table" in args.phases:
+        for stage in args.stages:
+            config = load_config(config_text, overrides + smoke)
+            compiled = stage in args.compile_stages
+            phase("table", stage, table_variants(compiled), config, baselines=2 if compiled else 1)
+    if "ablation" in args.phases and device.type == "cuda":
+        for stage in args.stages:
+            config = load_config(config_text, overrides + smoke)
+            phase("ablation", stage, ablation_variants(device.type), config, baselines=1)
+    if "paper" in args.phases:
+        paper = "tiny" if args.smoke else "imagenet512-paper"
+        base = load_config(paper, smoke)
+        m = base.model
+        spec = random_image_file(scratch, m.image_size, m.image_channels, m.num_classes, 8 if args.smoke else 64)
+        for stage in args.stages:
+            def with_batch(batch: int, _stage: int = stage) -> Config:
+                return load_config(paper, [*overrides, *smoke, f"train.batch_size={batch}", f"data.dataset={spec}"])
+
+            if device.type == "cuda":
+                batch, gib = largest_batch(lambda b, s=stage: make_trainer(with_batch(b), Variant("ul_fast"), s,
+                                                                           scratch), 1, args.paper_limit)
+                print(f"paper config, stage {stage}: largest power-of-two batch {batch} "
+                      f"(peak {gib:.1f} GiB of {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f})",
+                      flush=True)
+            else:
+                batch, gib = 2, 0.0
+            for variant in (Variant("ul_fast"), Variant("ul_fast+graph", graph=True)) if batch else ():
+                # one variant at a time: two trainers of 720 M parameters (with EMA and AdamW state) and the
+                # activations of the largest batch do not fit together
+                with contextlib.suppress(torch.OutOfMemoryError):
+                    phase("paper", stage, [variant], with_batch(batch), baselines=0, extra={"peak_gib_eager": gib})
 
 
 if __name__ == "__main__":

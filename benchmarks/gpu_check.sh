@@ -6,13 +6,23 @@
 #   PARTS="build tests ops" bash benchmarks/gpu_check.sh       # a subset, to fit one call's time limit
 #   BUDGET_tests=240 bash benchmarks/gpu_check.sh              # a part's limit in seconds (defaults below)
 #
+# The default PARTS are what a session's first device call should run (about 9 minutes: the goals table of
+# issue 19 first); a second call takes the rest: PARTS="tests ablation sampling ops attention".
+#
 # Parts, in order:
 #   build      pip install --no-build-isolation --no-deps -e .  (timed; log kept) + build_info
+#   train      benchmarks/gpu_bench_train_step.py --phases table: the trainer's whole step (fmnist, batch 256) as
+#              reference, reference+compile, ul_fast, ul_fast+compile, ul_fast+graph, ul_fast+compile+graph, with
+#              ms/step, MFU and the ratios over reference and reference+compile (compiled for
+#              TRAIN_COMPILE_STAGES, default "1,2")
+#   paper      gpu_bench_train_step.py --phases paper: imagenet512-paper per stage, the largest power-of-two batch,
+#              its peak memory, ms/step and MFU (ul_fast, ul_fast+graph)
+#   profile    benchmarks/profile_train_step.py: GPU-busy share, kernels and host ms per step, top kernels
 #   tests      pytest -m gpu tests/ (pytest-xdist over 16 workers when installed; JUnit XML kept), and
 #              tests/test_inception.py against pytorch-fid when pytorch_fid and torchvision import
+#   ablation   gpu_bench_train_step.py --phases ablation: each kernel against its reference inside the
+#              graph-captured step (for dispatch.REFERENCE_IS_FASTER)
 #   ops        benchmarks/gpu_bench_ops.py        noise injection, loss, embedding vs eager and torch.compile
-#   train      benchmarks/gpu_bench_train_step.py a whole UL step: reference vs each op's kernel (ablation) and
-#              the measured-best dispatch, eager; compiled for TRAIN_COMPILE_STAGES (1, "1,2" or none; default 1)
 #   sampling   benchmarks/gpu_bench_sampling.py   images/s of sampling chains, eager vs CUDA-graph replay
 #   attention  benchmarks/gpu_bench_attention.py  Triton attention vs every SDPA backend; adaLN vs eager/compile
 #   wheel      a wheel built from a clean copy of the sources (the "< 60 s from a clean clone" target)
@@ -28,7 +38,7 @@ mkdir -p "$OUT" "$LOGS"
 summary="$OUT/summary.md"
 : > "$summary"
 export PYTHONUNBUFFERED=1
-PARTS=${PARTS:-"build tests ops train sampling attention"}
+PARTS=${PARTS:-"build train paper profile"}
 want() { case " $PARTS " in *" $1 "*) return 0;; *) return 1;; esac; }
 note() { echo "$*" >> "$summary"; echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
 pack() { tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs 2>/dev/null; }
@@ -60,6 +70,21 @@ if want build; then
   pack
 fi
 
+if want train; then
+  run_part train 330 "$PY" benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --phases table \
+    --compile-stages "${TRAIN_COMPILE_STAGES:-1,2}" --out "$LOGS/train"
+fi
+
+if want paper; then
+  run_part paper 200 "$PY" benchmarks/gpu_bench_train_step.py --phases paper --rounds 2 --steps 5 --warmup 3 \
+    --out "$LOGS/paper"
+fi
+
+if want profile; then
+  run_part profile 100 "$PY" benchmarks/profile_train_step.py --config fmnist --batch 256 --steps 10 \
+    --out "$LOGS/profile"
+fi
+
 if want tests; then
   xdist=()
   $PY -c "import xdist" 2>/dev/null && xdist=(-n 16)  # the time is Triton autotuning (compiles): CPU-bound
@@ -79,9 +104,9 @@ if want ops; then
   run_part ops 100 "$PY" benchmarks/gpu_bench_ops.py --out "$LOGS/bench_ops.json" --md "$LOGS/bench_ops.md"
 fi
 
-if want train; then
-  run_part train 240 "$PY" benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 \
-    --compile-stages "${TRAIN_COMPILE_STAGES:-1}" --out "$LOGS"
+if want ablation; then
+  run_part ablation 150 "$PY" benchmarks/gpu_bench_train_step.py --config fmnist --batch 256 --phases ablation \
+    --rounds 3 --steps 10 --out "$LOGS/ablation"
 fi
 
 if want sampling; then
@@ -105,7 +130,10 @@ echo
 if want tests; then grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -25; fi
 if want ops && [ -f "$LOGS/bench_ops.md" ]; then cat "$LOGS/bench_ops.md" >> "$summary"; fi
 if want attention; then grep -E "^\|" "$LOGS/attention.log" | head -30 >> "$summary"; fi
-if want train; then grep -E '^(## UL training step|\| |stage [12] measured-best)' "$LOGS/train.log" >> "$summary"; fi
+for part in train paper ablation; do
+  if want $part; then grep -E '^(## UL training step|\| |paper config)' "$LOGS/$part.log" >> "$summary"; fi
+done
+if want profile; then grep -A 20 "^## Where the step" "$LOGS/profile.log" >> "$summary"; fi
 if want sampling; then grep -A 8 "^## Sampling" "$LOGS/sampling.log" >> "$summary"; fi
 pack
 cat "$summary"

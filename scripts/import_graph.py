@@ -21,6 +21,7 @@ from pathlib import Path
 PACKAGE = "ul_fast"
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("files (atomic writes, checksums)", ("ul_fast.files",)),
     ("diffusion math", ("ul_fast.diffusion",)),
     ("kernels", ("ul_fast.kernels",)),
     ("ops", ("ul_fast.ops",)),
@@ -28,9 +29,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("ul_fast.config", "ul_fast.configs")),
     ("networks", ("ul_fast.nets",)),
     ("model", ("ul_fast.model",)),
-    ("data, text, evaluation, devices, files",
-     ("ul_fast.data", "ul_fast.text", "ul_fast.eval", "ul_fast.devices", "ul_fast.files")),
+    ("data, text, evaluation, devices", ("ul_fast.data", "ul_fast.text", "ul_fast.eval", "ul_fast.devices")),
     ("training", ("ul_fast.train",)),
+    ("public API", ("ul_fast.api",)),
     ("entry points", ("ul_fast.cli", "ul_fast._build_info", "ul_fast")),
 )
 """Lowest first. A module belongs to the layer of the longest prefix that names it (``ul_fast`` itself, the

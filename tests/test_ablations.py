@@ -7,6 +7,7 @@ import torch
 
 from ul_fast.config import load_config
 from ul_fast.model import UnifiedLatents
+from ul_fast.model.draws import draw_term
 from ul_fast.train import Trainer
 from ul_fast.train.metrics_log import read_metrics
 
@@ -88,8 +89,9 @@ def test_prior_stop_grad_leaves_only_the_decoder_term_training_the_encoder():
     g = torch.Generator().manual_seed(seed)
     z_clean = model.encode(x)
     z_0 = model.noisy_latent(z_clean, generator=g)
-    prior_nats = model._latent_rate(z_clean.detach(), model._rate_kl(z_clean.detach(), "prior"), "prior", g)
-    decoder_term = model._decoder_loss(x, z_0, g, None).mean()
+    prior_nats = model._latent_rate(z_clean.detach(), model._rate_kl(z_clean.detach(), "prior"), "prior",
+                                    draw_term("cpu", g))
+    decoder_term = model._decoder_loss(x, z_0, draw_term("cpu", g), None).mean()
     torch.testing.assert_close(prior_nats.mean(), out["prior_nats"], rtol=0, atol=0)
     torch.testing.assert_close(with_stop_grad, encoder_gradient(model, decoder_term), rtol=1e-6, atol=1e-9)
     # Without the switch the prior's term adds to the encoder's gradient; the prior trains either way.

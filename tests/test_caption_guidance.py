@@ -40,18 +40,18 @@ def test_dropped_captions_become_the_null_caption_at_their_own_rate():
     n = 20000
     context, pooled = torch.randn(n, T, E), torch.randn(n, E)
     null_context, null_pooled = torch.randn(1, T, E), torch.randn(1, E)
+    u = model.draw_loss_randomness(2, n, "cpu", torch.Generator().manual_seed(0), conditional=True).keep
     _, dropped_context, dropped_pooled = model.drop_conditioning(
-        None, context, pooled, torch.Generator().manual_seed(0), null_context=null_context, null_pooled=null_pooled)
+        None, context, pooled, u, null_context=null_context, null_pooled=null_pooled)
     is_null = (dropped_context == null_context).flatten(1).all(1)
     kept = (dropped_context == context).flatten(1).all(1)
     assert torch.equal(is_null, ~kept) and torch.equal(is_null, (dropped_pooled == null_pooled).all(1))
     # The share of dropped captions is a binomial mean: within 5 standard errors of 0.25.
     assert abs(float(is_null.float().mean()) - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n)
     # One uniform per example: the same draws as label dropout, a caption dropped where u < caption_dropout.
-    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
     assert torch.equal(is_null, u < 0.25)
     # Without a null caption (model.null_caption zeros), a dropped caption is all zeros, as before.
-    _, zeroed, _ = model.drop_conditioning(None, context, pooled, torch.Generator().manual_seed(0))
+    _, zeroed, _ = model.drop_conditioning(None, context, pooled, u)
     assert torch.equal(zeroed[is_null], torch.zeros_like(zeroed[is_null])) and torch.equal(zeroed[~is_null],
                                                                                            context[~is_null])
 
@@ -59,8 +59,8 @@ def test_dropped_captions_become_the_null_caption_at_their_own_rate():
 def test_labels_and_captions_share_the_draw_at_their_own_rates():
     model = text_model(num_classes=10, label_dropout=0.5, caption_dropout=0.2)
     labels, context = torch.arange(1000) % 10, torch.randn(1000, T, E)
-    dropped_labels, dropped_context, _ = model.drop_conditioning(labels, context, None,
-                                                                 torch.Generator().manual_seed(1))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    dropped_labels, dropped_context, _ = model.drop_conditioning(labels, context, None, u)
     label_null, caption_null = dropped_labels == 10, (dropped_context == 0).flatten(1).all(1)
     assert bool((label_null | ~caption_null).all())  # a caption is dropped only where its label is too
     assert 0.4 < float(label_null.float().mean()) < 0.6 and 0.13 < float(caption_null.float().mean()) < 0.27

@@ -31,6 +31,7 @@ from ul_fast.train.encode import encode_dataset
 from ul_fast.train.metrics_log import read_metrics
 
 from archives import write_tar
+from folder_times import age_folders
 from interrupt import killed_and_resumed
 from micro import micro_config
 
@@ -77,6 +78,8 @@ def png(value: int) -> bytes:
 @pytest.mark.parametrize("layout", [metadata_folder, side_file_folder])
 def test_folders_give_captions_in_memory_streamed_and_through_shards(tmp_path, layout):
     root = layout(tmp_path / "data")
+    (root / ".ul_fast").mkdir()  # as the first start leaves it (making it changes the folder)
+    age_folders(root)  # settled: the index written by the first load is reused by the next
     expected = [list(c) for c in CAPTIONS]
     memory = load_dataset(f"folder:{root}", "train", 16, 1)
     streamed = load_dataset(f"folder-stream:{root}", "train", 16, 1)
@@ -94,7 +97,10 @@ def test_folders_give_captions_in_memory_streamed_and_through_shards(tmp_path, l
 
 def test_captions_edited_in_metadata_rebuild_the_index(tmp_path):
     root = metadata_folder(tmp_path / "data")
+    (root / ".ul_fast").mkdir()
+    age_folders(root)
     first = LazyImageFolder(root, 1)
+    assert LazyImageFolder(root, 1).index_reused
     rows = (root / "metadata.jsonl").read_text().replace("a red bag", "a large red bag")
     (root / "metadata.jsonl").write_text(rows)
     again = LazyImageFolder(root, 1)

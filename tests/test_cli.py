@@ -135,7 +135,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_help_describes_every_option_of_every_command():
     parser = cli.build_parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"train", "sample", "eval", "distill", "prepare-shards", "encode", "plot", "info"}
+    assert set(commands) == {"train", "sample", "eval", "distill", "export", "prepare-shards", "encode", "plot", "info"}
     for name, command in [("ul-fast", parser), *commands.items()]:
         assert command.description, name
         for action in command._actions:
@@ -167,3 +167,80 @@ def test_prepare_shards_then_encode_then_stage2_from_the_cache(runs, tmp_path, c
     assert (tmp_path / "base" / "checkpoints").is_dir()
     one_line_error(capsys, ["train", "--config", str(micro), "--out", str(tmp_path / "other"), "--set",
                              f"train.init_from={runs / 'refined'}", *stage2], "manifest.json", "other encoder weights")
+
+
+# ----------------------------------------------------------------------------- messages that pointed the wrong way
+def fake_run(folder, stage: int = 2, **model):
+    """A run folder holding an untrained micro model (checkpoint step 1, in ``stage``), with ``model`` overrides."""
+    from ul_fast.config import save_config
+    from ul_fast.model import UnifiedLatents
+    from ul_fast.train.checkpoint import save_checkpoint
+
+    config = micro_config(model=model)
+    folder.mkdir(parents=True)
+    save_config(config, folder / "config.yaml")
+    network = UnifiedLatents(config.model)
+    save_checkpoint(folder, 1, network, network, {"stage": stage, "stage_step": 1, "config": config.to_dict()})
+    return folder
+
+
+def test_label_on_a_run_without_classes_names_what_the_run_takes(tmp_path, capsys):
+    """It said `--label must be in [0, 0)`."""
+    text = fake_run(tmp_path / "text", context_dim=384, num_classes=0)
+    one_line_error(capsys, ["sample", "--run", str(text), "--label", "3", "--prompt", "a bag"],
+                   "is text-conditioned: it takes --prompt or --prompts, not --label")
+    one_line_error(capsys, ["sample", "--run", str(text), "--label", "3"],
+                   "it takes --prompt or --prompts, not --label")
+    unconditional = fake_run(tmp_path / "unconditional", num_classes=0)
+    one_line_error(capsys, ["sample", "--run", str(unconditional), "--label", "0"],
+                   "is unconditional (model.num_classes: 0): drop --label")
+
+
+def test_out_naming_a_file_and_options_beside_resume_are_one_line(runs, tmp_path, capsys):
+    """--out onto a file gave a raw `[Errno 17] File exists`; --out and --config beside --resume were ignored."""
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    one_line_error(capsys, ["train", "--out", str(file)], f"{file} is a file, not a folder")
+    one_line_error(capsys, ["distill", "--run", str(runs / "full"), "--to-steps", "1", "--from-steps", "2", "--out",
+                            str(file)], "is a file, not a folder")
+    one_line_error(capsys, ["encode", "--run", str(runs / "full"), "--out", str(file)], "is a file, not a folder")
+    assert file.read_text() == "mine"
+    run = str(runs / "full")
+    one_line_error(capsys, ["train", "--resume", run, "--out", str(tmp_path / "elsewhere")], "drop --out")
+    one_line_error(capsys, ["train", "--resume", run, "--config", "tiny"], "drop --config tiny", "--set")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_an_empty_or_truncated_run_config_is_named_not_the_checkpoints(tmp_path, capsys):
+    """An empty or cut config.yaml was completed with the paper-size defaults, and the error blamed the checkpoints.
+    A key that the checkpoint's own config lacks too comes from an older version: its default is taken."""
+    run = fake_run(tmp_path / "run")
+    config = run / "config.yaml"
+    text = config.read_text()
+    config.write_text("")
+    for argv in (["sample", "--run", str(run)], ["eval", "--run", str(run)], ["train", "--resume", str(run)]):
+        one_line_error(capsys, argv, f"{config} is empty", "state.pt")
+    config.write_text(text[:text.index("\ntrain:")])  # cut after the model section
+    one_line_error(capsys, ["sample", "--run", str(run)], f"{config} lacks train.seed, train.device, train.batch_size "
+                                                          "and ", "checkpoint step_00000001", "truncated")
+    config.write_text(text.replace("  cuda_graph: false\n", ""))  # as a version before train/sample.cuda_graph
+    from ul_fast.train.checkpoint import load_run_config, load_state
+
+    state = load_state(run / "checkpoints" / "step_00000001")
+    del state["config"]["sample"]["cuda_graph"], state["config"]["train"]["cuda_graph"]
+    __import__("torch").save(state, run / "checkpoints" / "step_00000001" / "state.pt")
+    (run / "checkpoints" / "step_00000001" / "checksums.json").unlink()
+    config_read = load_run_config(run)
+    assert config_read.sample.cuda_graph is False and config_read.train.cuda_graph is False
+
+
+def test_init_from_a_run_of_another_image_size_is_refused(runs, tmp_path):
+    """The weights fit (no shape depends on the image size) and were taken without a word."""
+    from ul_fast.config import ConfigError
+
+    config = micro_config(model={"image_size": 32}, train={"init_from": str(runs / "full"), "stage1_steps": 0,
+                                                           "stage2_steps": 1})
+    with pytest.raises(ConfigError, match=rf"train.init_from {runs / 'full'} was trained with model.image_size 16, "
+                                          r"but this config has 32"):
+        Trainer(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,9 +1,23 @@
 """Configuration: presets, overrides, strict validation with clear errors."""
 
+import dataclasses
+import math
+import re
+import typing
+
 import pytest
 import yaml
 
-from ul_fast.config import ConfigError, LossWeighting, config_from_dict, load_config, preset_names, save_config
+from ul_fast.config import (
+    INFINITY_ALLOWED,
+    Config,
+    ConfigError,
+    LossWeighting,
+    config_from_dict,
+    load_config,
+    preset_names,
+    save_config,
+)
 
 
 def test_presets_load_and_validate():
@@ -51,7 +65,8 @@ def test_user_yaml_file_and_round_trip(tmp_path):
     ("model.decoder_loss=l1", "model.decoder_loss must be one of"),
     ("model.mse_decoder_scale=0", "model.mse_decoder_scale must be a finite number > 0"),
     ("model.kl_weight=0", "model.kl_weight must be a finite number > 0"),
-    ("model.kl_weight=.inf", "model.kl_weight must be a finite number > 0"),
+    ("train.base_lr=0", "train.base_lr must be > 0, got 0"),
+    ("model.kl_weight=.inf", "model.kl_weight must be a finite number"),
     ("model.prior_stop_grad=perhaps", "model.prior_stop_grad: expected true or false"),
     ("model.single_stage_sample_logsnr=3", "model.single_stage_sample_logsnr applies to model.mode single_stage"),
 ])
@@ -133,3 +148,38 @@ def test_a_config_saved_before_the_ablation_switches_loads_with_them_off(tmp_pat
     model = load_config(str(tmp_path / "config.yaml")).model
     assert (model.latent_prior, model.decoder_loss, model.prior_stop_grad, model.kl_weight,
             model.single_stage_sample_logsnr) == ("diffusion", "diffusion", False, 1.0, None)
+
+
+def float_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, bool]]:
+    """``(key, is a list)`` of every float field of the config dataclasses (``float``, ``float | None``,
+    ``list[float]``), read from their type hints: a float key added later is covered too."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += float_keys(hint, f"{prefix}{name}.")
+        elif hint is float or float in typing.get_args(hint) or hint == list[float]:
+            keys.append((prefix + name, hint == list[float]))
+    return keys
+
+
+def test_every_float_key_is_checked_for_nan_and_infinity():
+    """`train.lr=.inf` trained to all-NaN weights and `model.decoder_weighting.factor=.inf` skipped every stage-1
+    step, both with exit status 0: every float must be a number, and finite where infinity means nothing."""
+    keys = float_keys()
+    assert len(keys) >= 24 and ("train.lr", False) in keys and ("sample.guidance_interval", True) in keys
+    for key, is_list in keys:
+        for bad in (".nan", ".inf", "-.inf"):
+            value = f"[{bad}, 1.0]" if is_list else bad
+            if float(bad.replace(".", "")) in INFINITY_ALLOWED.get(key, ()):
+                continue
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number"):
+                load_config("tiny", [f"{key}={value}"])
+    assert load_config("tiny", ["train.grad_clip=.inf"]).train.grad_clip == math.inf
+    assert load_config("tiny", ["sample.guidance_interval=[-.inf, .inf]"]).sample.guidance_interval == [-math.inf,
+                                                                                                        math.inf]
+
+
+def test_the_deprecated_loss_factor_key_is_checked_too():
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="model.decoder_weighting.factor must be a "
+                                                                         "finite number, got inf"):
+        load_config("tiny", ["model.loss_factor=.inf"])

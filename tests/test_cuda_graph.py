@@ -39,6 +39,46 @@ def test_model_sampling_with_the_cuda_graph_option_on_cpu_is_unchanged():
     assert torch.equal(*runs)
 
 
+@pytest.mark.parametrize("sampler, interval", [("ddim", (-20.0, 20.0)), ("heun", (-20.0, 20.0)),
+                                               ("dpmpp_2m", (-3.0, 3.0)), ("ancestral", (-20.0, 20.0))])
+def test_the_whole_chain_path_draws_what_the_eager_chain_draws(sampler, interval):
+    """The whole-chain path (deterministic samplers, guidance decided once for the grid) draws both starting noises
+    first; the eager chain draws the decoder's after the latent chain, which draws nothing in between: the same
+    images. On a CPU both run eagerly; on CUDA the first is one captured graph (GPU test below)."""
+    torch.manual_seed(0)
+    model = UnifiedLatents(micro_config().model).eval()
+    whole = model._whole_chain_capturable(3, (sampler, sampler), "time", {"labels": torch.arange(2), "guidance": 2.0,
+                                                                          "guidance_interval": interval})
+    assert whole == (sampler != "ancestral" and interval[0] < -15)
+    runs = [model.sample(2, 3, 3, sampler, torch.Generator().manual_seed(4), labels=torch.tensor([1, 5]),
+                         guidance=2.0, guidance_interval=interval, cuda_graph=flag) for flag in (False, True)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.gpu
+def test_gpu_a_whole_chain_replays_as_one_graph_bit_for_bit():
+    """cuda_graph with ddim and guidance over the whole grid: one graph per chain (both samplers and the final
+    denoising), replayed for a second chain, equal to the eager chains bit for bit."""
+    from ul_fast.model import unified_latents
+
+    torch.manual_seed(0)
+    model = UnifiedLatents(micro_config().model).cuda().eval()
+    with torch.no_grad():
+        for p in (*model.base.parameters(), *model.decoder.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    labels = torch.tensor([0, 3, 7, 9], device="cuda")
+
+    def chain(cuda_graph: bool, seed: int) -> torch.Tensor:
+        return model.sample(4, 6, 6, "ddim", torch.Generator("cuda").manual_seed(seed), labels=labels, guidance=2.0,
+                            cuda_graph=cuda_graph)
+
+    for seed in (1, 2):
+        assert torch.equal(chain(True, seed), chain(False, seed))
+    (graphed,) = unified_latents._GRAPHED_CHAINS[model].values()
+    assert graphed.failure is None and len(graphed.graphs) == 1
+    assert not graphed_module(model.base).graphs  # no per-call graphs: the whole chain is one
+
+
 @pytest.mark.gpu
 def test_gpu_replay_equals_eager_bit_for_bit_and_returns_fresh_tensors():
     module = small_module().cuda()

@@ -15,6 +15,7 @@ from ul_fast.data import (
     CAPTION_TEMPLATES,
     DEBIAN_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
+    BadImageError,
     BatchStream,
     Conditioning,
     ImageArrayDataset,
@@ -28,7 +29,9 @@ from ul_fast.data import (
     load_fashion_mnist_idx,
     load_image_folder,
     read_idx,
+    splits_apart,
 )
+from ul_fast.data import folder as folder_module
 from ul_fast.data.fashion_mnist import read_fashion_mnist_idx_uint8
 
 HAVE_DEBIAN = (Path(DEBIAN_FASHION_MNIST_ROOT) / "t10k-images-idx3-ubyte.gz").is_file()
@@ -230,12 +233,67 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path, 8, 3)
 
 
+def test_an_undecodable_image_is_named_by_its_file_not_by_pillows_buffer(tmp_path):
+    """The message named `<_io.BytesIO object at 0x…>`, the in-memory buffer Pillow was given."""
+    (tmp_path / "c0").mkdir()
+    (tmp_path / "c0" / "garbage.png").write_bytes(b"not an image at all")
+    with pytest.raises(BadImageError) as error:
+        load_dataset(f"folder:{tmp_path}", "train", 8)
+    assert str(error.value) == (f"{tmp_path / 'c0' / 'garbage.png'}: cannot decode image (not an image format Pillow "
+                                f"reads (19 bytes starting b'not an i'))")
+    (tmp_path / "c0" / "garbage.png").write_bytes(b"")
+    with pytest.raises(BadImageError, match=r"garbage\.png: cannot decode image \(the file is empty\)$"):
+        load_dataset(f"folder:{tmp_path}", "train", 8)
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_any_image_is_read(tmp_path, monkeypatch):
+    """folder: reads every image into memory: past half the available memory it stops at once, pointing to
+    folder-stream: (an ImageNet folder would otherwise fill the machine's memory)."""
+    for i in range(10):
+        _png(tmp_path / f"{i}.png", (8, 8))
+    (tmp_path / "9.png").write_bytes(b"undecodable: reading it would fail differently")
+    need = 10 * 3 * 64**2 * 6  # 10 images at 64x64x3, 6 bytes per value while loading
+    monkeypatch.setattr(folder_module, "available_memory", lambda: 2 * need - 1)
+    with pytest.raises(ValueError, match=rf"folder:{tmp_path} holds 10 images, 0.0 GiB while loading them into memory "
+                                         rf"at 64x64x3: more than 50% of the 0.0 GiB available; use data.dataset "
+                                         rf"folder-stream:{tmp_path} "):
+        load_dataset(f"folder:{tmp_path}", "train", 64)
+    monkeypatch.setattr(folder_module, "available_memory", lambda: 2 * need)
+    with pytest.raises(BadImageError, match="9.png"):  # fits: the images are read
+        load_dataset(f"folder:{tmp_path}", "train", 64)
+
+
 def test_folder_spec_uses_split_subfolders(tmp_path):
     _png(tmp_path / "train" / "a.png", (8, 8))
     _png(tmp_path / "train" / "b.png", (8, 8))
     _png(tmp_path / "test" / "c.png", (8, 8))
     assert len(load_dataset(f"folder:{tmp_path}", "train", 8)) == 2
     assert len(load_dataset(f"folder:{tmp_path}", "test", 8)) == 1
+
+
+def test_which_specs_hold_their_splits_apart(tmp_path):
+    """Held-out numbers need a test split that is not the training set: each spec says whether it has one."""
+    np.save(tmp_path / "x.npy", _u8((4, 8, 8)))
+    np.savez(tmp_path / "one.npz", images=_u8((4, 8, 8)))
+    np.savez(tmp_path / "half.npz", train_images=_u8((4, 8, 8)), images=_u8((4, 8, 8)))
+    np.savez(tmp_path / "two.npz", train_images=_u8((4, 8, 8)), test_images=_u8((2, 8, 8)))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    for name in ("flat", "split/train", "split/test"):
+        _png(tmp_path / name / "a.png", (8, 8))
+    (tmp_path / "shards/train").mkdir(parents=True)
+    (tmp_path / "shards/test").mkdir()
+    (tmp_path / "flat-shards").mkdir()
+    expected = {
+        "fmnist-embedded": True, "fmnist": True, f"array:{tmp_path / 'x.npy'}": False,
+        f"array:{tmp_path / 'one.npz'}": False, f"array:{tmp_path / 'half.npz'}": False,
+        f"array:{tmp_path / 'two.npz'}": True, f"folder:{tmp_path / 'flat'}": False,
+        f"folder:{tmp_path / 'split'}": True, f"folder-stream:{tmp_path / 'flat'}": False,
+        f"folder-stream:{tmp_path / 'split'}": True, f"shards:{tmp_path / 'shards'}": True,
+        f"shards:{tmp_path / 'flat-shards'}": False, "mnist": False,
+    }
+    assert {spec: splits_apart(spec) for spec in expected} == expected
+    with pytest.raises(ValueError, match="broken.npz cannot be read as a NumPy .npz file"):
+        splits_apart(f"array:{tmp_path / 'broken.npz'}")
 
 
 # ---------------------------------------------------------------- arrays

@@ -4,6 +4,7 @@
 import multiprocessing
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from ul_fast.data import (
     load_image_folder,
 )
 from ul_fast.data import lazy_folder as lazy_folder_module
+from ul_fast.data import loader as loader_module
 from ul_fast.train import Trainer
 from ul_fast.train.metrics_log import read_metrics
 
+from folder_times import age_folders
 from interrupt import killed_and_resumed
 from micro import micro_config
 
@@ -43,14 +46,6 @@ def write_folder(root: Path, classes: int = 2, per_class: int = 5, size: tuple[i
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / f"c{k}" / f"{i}.png")
     return root
-
-
-def age_folders(root: Path) -> None:
-    """Date ``root`` and its sub-folders back a day: a file added later changes its folder's time even within
-    the same tick of the file system's clock (a few ms), as it would in real use."""
-    for folder in (root, *(p for p in root.iterdir() if p.is_dir())):
-        old = folder.stat().st_mtime_ns - 86_400 * 10**9
-        os.utime(folder, ns=(old, old))
 
 
 def add_bad_images(root: Path) -> tuple[Path, Path]:
@@ -99,6 +94,7 @@ def test_lazy_folder_reads_what_the_in_memory_folder_reads(tmp_path):
 
 def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "data")
+    (root / ".ul_fast").mkdir()  # as the first start leaves it (making it changes the folder: see the next test)
     age_folders(root)
     listings = []
     real_list = lazy_folder_module.scan_image_folder
@@ -110,6 +106,7 @@ def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monk
     assert second.fingerprint() == first.fingerprint() and second.path(3) == first.path(3)
 
     write_folder(root, classes=1, per_class=6, seed=5)  # adds c0/5.png
+    age_folders(root)  # added long before the next start, as in real use (see the next test)
     grown = LazyImageFolder(root, 3)
     assert len(listings) == 2 and not grown.index_reused and len(grown) == 11
     assert grown.fingerprint() != first.fingerprint()
@@ -121,6 +118,29 @@ def test_the_index_is_cached_reused_and_rebuilt_when_files_change(tmp_path, monk
     assert cached.index_path.parent == cache and cached.index_path.is_file() and not cached.index_reused
     assert LazyImageFolder(root, 3, cache_dir=cache).index_reused and len(listings) == 3
     assert not LazyImageFolder(root, 3).index_reused  # no cache at all: listed every time
+
+
+def test_a_file_added_in_the_clock_tick_of_the_listing_is_not_missed(tmp_path, monkeypatch):
+    """A folder's modification time moves by ticks of the file system's clock (2 s on FAT): a file added in the tick
+    in which the index was listed leaves the times the index recorded unchanged. Such an index is not trusted: the
+    next start lists the folder again, and once the folder has settled the index is reused."""
+    root = write_folder(tmp_path / "data")
+    first = LazyImageFolder(root, 3)
+    recorded = [(folder, folder.stat().st_mtime_ns) for folder in (root, root / "c0")]
+    write_folder(root, classes=1, per_class=6, seed=5)  # adds c0/5.png ...
+    for folder, mtime in recorded:  # ... in the same tick: the folders' times do not move
+        os.utime(folder, ns=(mtime, mtime))
+    second = LazyImageFolder(root, 3)
+    assert len(first) == 10 and len(second) == 11 and not second.index_reused
+    age_folders(root)
+    assert not LazyImageFolder(root, 3).index_reused and LazyImageFolder(root, 3).index_reused
+
+    fresh = write_folder(tmp_path / "fresh")  # a new folder: its first start makes fresh/.ul_fast, a change
+    age_folders(fresh)
+    assert not LazyImageFolder(fresh, 3).index_reused
+    later = time.time_ns() + 3 * 10**9  # the next starts, 3 s later: listed once more, then reused
+    monkeypatch.setattr(lazy_folder_module.time, "time_ns", lambda: later)
+    assert [LazyImageFolder(fresh, 3).index_reused for _ in range(2)] == [False, True]
 
 
 def test_streaming_specs_and_their_split_folders(tmp_path):
@@ -217,6 +237,28 @@ def test_resuming_on_changed_files_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="data changed"):  # a state of in-memory data has no fingerprint
         StreamingBatches(LazyImageFolder(root, 3), ImageTransform(8, 3), 4, seed=0).load_state_dict(
             BatchStream(load_image_folder(root, 8, 3), 4, seed=0).state_dict())
+
+
+def test_a_stop_signal_before_a_workers_init_cannot_kill_it(tmp_path, monkeypatch):
+    """The workers are forked with SIGINT and SIGTERM blocked: a signal that reaches a worker before its init has
+    made it ignore them waits, then is dropped (before, it killed the worker and the run with it)."""
+    ignore = loader_module._ignore_stop_signals
+
+    def slow_init(worker_id: int) -> None:
+        time.sleep(1.0)  # the signals below arrive before the worker ignores them
+        ignore(worker_id)
+
+    monkeypatch.setattr(loader_module, "_ignore_stop_signals", slow_init)
+    stream = StreamingBatches(LazyImageFolder(write_folder(tmp_path / "data"), 3), ImageTransform(8, 3), 4, seed=0,
+                              num_workers=1)
+    stream._batches = stream._start()  # forks the worker
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+        os.kill(worker.pid, signal.SIGTERM)
+    take(stream, 3)
+    assert workers and all(worker.is_alive() for worker in workers)
+    stream.close()
 
 
 def test_workers_leave_stop_signals_to_the_main_process(tmp_path):

@@ -166,6 +166,38 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(teacher, uninte
     assert json.loads((whole / DISTILL_FILE).read_text()) == json.loads((cut / DISTILL_FILE).read_text())
 
 
+def test_a_distilled_decoder_samples_with_ddim_only(teacher, uninterrupted, tmp_path, capsys):
+    """The student learns what one DDIM step must predict: under another sampler it is wrong (`--sampler` used to
+    apply to both chains). The run records the decoder's sampler, sample and eval refuse another for it, and
+    --decoder-sampler lets the base model use one; a stage 2 started from the distilled run inherits the rule."""
+    config = load_config(str(uninterrupted / "config.yaml"))
+    assert config.sample.decoder_sampler == "ddim" and config.sample.decoder_steps == 1
+    assert json.loads((uninterrupted / DISTILL_FILE).read_text())["decoder_sampler"] == "ddim"
+    base = ["sample", "--run", str(uninterrupted), "-n", "2", "--latent-steps", "2", "--no-progress", "--out",
+            str(tmp_path / "s.png")]
+    one_line_error(capsys, [*base, "--sampler", "heun"], "is distilled for 1 ddim steps on the time grid",
+                   "--sampler heun would apply to it too", "add --decoder-sampler ddim")
+    one_line_error(capsys, [*base, "--decoder-sampler", "dpmpp_2m"], "drop --decoder-sampler dpmpp_2m")
+    one_line_error(capsys, ["eval", "--run", str(uninterrupted), "--samples", "4", "--sampler", "ancestral"],
+                   "--sampler ancestral would apply to it too")
+    cli.main([*base, "--sampler", "dpmpp_2m", "--decoder-sampler", "ddim"])
+    capsys.readouterr()
+    cli.main([*base, "--decoder-steps", "2"])
+    assert "at 2 steps on the time grid its quality is unknown" in capsys.readouterr().err
+    cli.main(["eval", "--run", str(uninterrupted), "--samples", "4", "--latent-steps", "2", "--sampler", "heun",
+              "--decoder-sampler", "ddim", "--no-progress"])
+    result = json.loads((uninterrupted / "eval.json").read_text())
+    assert (result["sampler"], result["decoder_sampler"], result["decoder_steps"]) == ("heun", "ddim", 1)
+    assert "heun (latent) and ddim (decoder) sampler" in capsys.readouterr().out
+
+    stage2 = micro_config(data={"dataset": load_config(str(teacher / "config.yaml")).data.dataset},
+                          train={"init_from": str(uninterrupted), "stage1_steps": 0, "stage2_steps": 1,
+                                 "eval_every": 1000, "checkpoint_every": 1000})
+    Trainer(stage2, tmp_path / "stage2").fit()
+    one_line_error(capsys, ["sample", "--run", str(tmp_path / "stage2"), "--sampler", "heun"],
+                   f"(from {uninterrupted}) is distilled")
+
+
 def test_resume_refuses_other_settings(teacher, tmp_path):
     Distiller(settings(teacher, steps_per_round=1), tmp_path / "d", progress=False).run()
     with pytest.raises(ValueError, match="other settings"):

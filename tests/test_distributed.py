@@ -59,7 +59,8 @@ def _gradient_worker(rank: int, data: dict, run_dir: str, store: str, out: str) 
                 return allreduce_hook(state, bucket)
 
             trainer.ddp_model.register_comm_hook(None, counted_allreduce)
-        metrics = trainer.train_step()
+        trainer.train_step()
+        metrics = trainer.step.window.read()
         if rank == 0:
             torch.save({"grads": grads, "metrics": metrics, "buckets": buckets}, out)
     finally:

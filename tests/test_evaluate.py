@@ -17,10 +17,10 @@ from cli_helpers import one_line_error
 from micro import micro_config
 
 EVAL = ["--samples", "16", "--latent-steps", "2", "--decoder-steps", "2", "--no-progress"]
-KEYS = {"run", "dataset", "samples", "sampler", "latent_steps", "decoder_steps", "spacing", "guidance", "seed",
-        "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se",
-        "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "notes", "versions", "elapsed_s",
-        "kid_subsets", "kid_subset_size", "prompts", "negative_prompt", "adherence"}
+KEYS = {"run", "dataset", "samples", "sampler", "decoder_sampler", "latent_steps", "decoder_steps", "spacing",
+        "guidance", "seed", "features", "feature_dim", "reference_images", "rfd", "rkid", "rkid_se", "psnr", "gfd",
+        "gkid", "gkid_se", "bits_per_pixel_prior", "bits_per_pixel_base", "base_model_trained", "held_out", "notes",
+        "versions", "elapsed_s", "rkid_subsets", "gkid_subsets", "prompts", "negative_prompt", "adherence"}
 METRICS = ("rfd", "rkid", "rkid_se", "psnr", "gfd", "gkid", "gkid_se", "bits_per_pixel_prior",
            "bits_per_pixel_base")
 
@@ -63,9 +63,13 @@ def test_eval_writes_every_metric(runs, capsys):
         assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
     assert result["rfd"] >= 0 and result["gfd"] >= 0 and result["bits_per_pixel_prior"] > 0
     assert (result["samples"], result["latent_steps"], result["decoder_steps"], result["seed"]) == (16, 2, 2, 3)
+    assert result["sampler"] == result["decoder_sampler"] == "ddim"
     assert result["reference_images"] == 400 and result["base_model_trained"] and result["notes"] == []
-    # KID subsets of half the samples: subsets differ, so the standard errors are informative (not 0)
-    assert result["kid_subset_size"] == 8 and result["rkid_se"] > 0 and result["gkid_se"] > 0
+    assert result["held_out"] and "HELD-OUT" not in out
+    # KID over 8 disjoint subsets of 2 samples (of 50 training images for gKID), so the standard errors say
+    # something (not 0)
+    assert result["rkid_subsets"] == [8, 2, 2] and result["gkid_subsets"] == [8, 50, 2]
+    assert result["rkid_se"] > 0 and result["gkid_se"] > 0
     assert set(result["versions"]) == {"ul_fast", "torch", "python"}
     assert "gFD" in out and "wrote" in out and err == ""
     assert [p.name for p in runs.joinpath("full").iterdir() if p.name.startswith(f".{EVAL_FILE}")] == []
@@ -97,10 +101,24 @@ def test_a_single_stage_run_gets_base_model_bits_and_a_note(runs, capsys):
     assert all(math.isfinite(result[k]) for k in ("rfd", "psnr", "gfd", "gkid", "bits_per_pixel_base"))
 
 
+def test_data_without_a_test_split_is_never_called_held_out(runs, capsys):
+    """A .npy serves its images as both splits: eval.json says held_out false, the notes and the table say that
+    every number is on training images, and training warns at its start."""
+    images = np.load(runs / "small.npz")["train_images"][:64]
+    np.save(runs / "one-set.npy", images)
+    config = micro_config(model={"num_classes": 0}, data={"dataset": f"array:{runs / 'one-set.npy'}"},
+                          train={"stage1_steps": 2, "stage2_steps": 0, "eval_every": 1000, "checkpoint_every": 1000})
+    with pytest.warns(UserWarning, match="serves the same images as its training and test splits"):
+        Trainer(config, runs / "one-set").fit()
+    result, out, err = evaluate(runs / "one-set", capsys)
+    assert result["held_out"] is False and "none of these numbers is held-out" in result["notes"][0]
+    assert "one-set.npy serves the same images" in err and "NOT HELD-OUT" in out
+
+
 def test_misuse_is_one_line(runs, tmp_path, capsys):
     run = str(runs / "stage1")
     one_line_error(capsys, ["eval", "--run", run, "--samples", "65"], "--samples 65", "64 held-out")
-    one_line_error(capsys, ["eval", "--run", run, "--samples", "1"], "at least 2")
+    one_line_error(capsys, ["eval", "--run", run, "--samples", "3"], "at least 4")
     one_line_error(capsys, ["eval", "--run", run, "--features", "inception:/x.pth"], "no such file")
     one_line_error(capsys, ["eval", "--run", run, "--features", "inception"], "needs the weights' path")
     one_line_error(capsys, ["eval", "--run", run, "--features", "clip"], "unknown --features 'clip'")

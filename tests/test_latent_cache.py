@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -20,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ul_fast.config import save_config
-from ul_fast.data import load_dataset
+from ul_fast.data import BadImageError, BadImageWarning, load_dataset
 from ul_fast.data.latent_cache import (
     MANIFEST,
     PROGRESS,
@@ -33,6 +34,7 @@ from ul_fast.model import UnifiedLatents
 from ul_fast.train import load_trained_model
 from ul_fast.train.checkpoint import save_checkpoint
 from ul_fast.train.encode import EncodeError, encode_dataset
+from ul_fast.train.run_folder import RunFolderError, RunLock
 
 from micro import micro_config
 
@@ -143,8 +145,8 @@ def test_given_latents_are_checked(run):
         model(None, stage=2)
     with pytest.raises(ValueError, match=r"z_clean must have shape \[B, 4, 4, 4\]"):
         model.stage2_loss(None, z_clean=torch.zeros(2, 4, 8, 8))
-    with pytest.raises(ValueError, match="non-finite"):
-        model.stage2_loss(None, z_clean=torch.full_like(z, float("nan")))
+    with pytest.raises(ValueError, match="non-finite"):  # the evaluation entry points read the values
+        model.latent_nats(None, z_clean=torch.full_like(z, float("nan")))
     with pytest.raises(ValueError, match="stage 1 trains the encoder"):
         model(images, stage=1, z_clean=z)
 
@@ -237,6 +239,22 @@ def test_damaged_shards_are_errors_naming_the_file(caches, tmp_path):
         LatentCache(cache)
 
 
+def test_a_non_finite_latent_is_an_error_naming_the_item(caches, tmp_path):
+    """The training step does not read its input back to check it: the cache reader checks each batch on the CPU."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches / "fp32", cache)
+    latents = cache / "train-00000.latents.npy"
+    values = np.load(latents)
+    values[3, 1, 2, 2] = np.inf
+    np.save(latents, values)
+    reader = LatentCache(cache)
+    reader.batch([0, 1, 2])  # the items around it read as before
+    with pytest.raises(LatentCacheError, match=r"the latent of item 3 is not finite"):
+        reader.batch([0, 3, 5])
+    with pytest.raises(LatentCacheError, match=r"the latent of item 3 is not finite"):
+        reader[3]
+
+
 # ----------------------------------------------------------------------------- interrupted and repeated encodes
 def test_an_interrupted_encode_never_looks_complete_and_resumes(run, caches, tmp_path, monkeypatch):
     out = tmp_path / "cache"
@@ -268,7 +286,7 @@ def test_an_interrupted_encode_never_looks_complete_and_resumes(run, caches, tmp
     encode_dataset(*run, out, dtype="bf16", flip=True, **ENCODE)
     assert calls == [8, 8, 8]  # shard 1, flipped; test; and the manifest matches an uninterrupted encode's
     assert (out / MANIFEST).read_bytes() == (caches / "bf16" / MANIFEST).read_bytes()
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [".lock"]  # the lock's file (released; flock locks die with it)
     # a finished cache is not overwritten unless asked
     with pytest.raises(EncodeError, match=rf"{folder} already holds a latent cache"):
         encode_dataset(*run, out, **ENCODE)
@@ -279,10 +297,7 @@ def test_an_interrupted_encode_never_looks_complete_and_resumes(run, caches, tmp
 
 def test_a_streamed_folder_encodes_as_the_same_folder_in_memory(run, tmp_path):
     """``folder-stream:`` (decoded image by image, center-cropped) gives the latents of ``folder:`` (in memory)."""
-    images = (pixels(run)[0][:6, 0] + 1) * 127.5
-    for i, image in enumerate(images.round().to(torch.uint8).numpy()):
-        (tmp_path / "data" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(tmp_path / "data" / f"class{i % 2}" / f"{i}.png")
+    write_image_folder(run, tmp_path / "data")
     hashes = []
     for kind in ("folder-stream", "folder"):
         manifest = encode_dataset(run[0], f"{kind}:{tmp_path / 'data'}", tmp_path / kind, dtype="fp32",
@@ -292,6 +307,50 @@ def test_a_streamed_folder_encodes_as_the_same_folder_in_memory(run, tmp_path):
         hashes.append([f["sha256"] for f in record["splits"]["train"]["shards"][0]["files"].values()])
     assert hashes[0] == hashes[1]
     assert LatentCache(tmp_path / "folder-stream").batch(range(6))[1].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def write_image_folder(run, root, count: int = 6) -> list:
+    """``root/class<k>/<i>.png``: the run's first ``count`` training images; returns them as uint8 arrays."""
+    images = ((pixels(run)[0][:count, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    for i, image in enumerate(images):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(root / f"class{i % 2}" / f"{i}.png")
+    return images
+
+
+@pytest.mark.parametrize("kind", ["folder", "folder-stream"])
+def test_encode_follows_on_bad_image(run, tmp_path, kind):
+    """skip: an undecodable image is left out, with a warning and its name in the manifest, and the others are
+    the latents of a folder without it; fail: the encode stops, naming the file. (It stopped at the first bad
+    image whatever data.on_bad_image said; a folder: spec also failed from inside the in-memory loader.)"""
+    write_image_folder(run, tmp_path / "data")
+    clean = encode_dataset(run[0], f"{kind}:{tmp_path / 'data'}", tmp_path / "clean", dtype="fp32", splits=("train",),
+                           batch_size=4, progress=False)
+    bad = tmp_path / "data" / "class1" / "2_bad.png"
+    bad.write_bytes(b"not an image")
+    options = {"dtype": "fp32", "splits": ("train",), "batch_size": 4, "progress": False}
+    with pytest.warns(BadImageWarning, match=r"2_bad\.png"):
+        skipped = encode_dataset(run[0], f"{kind}:{tmp_path / 'data'}", tmp_path / "skip", on_bad_image="skip",
+                                 **options)
+    record = json.loads(skipped.read_text())["splits"]["train"]
+    assert record["count"] == 6 and record["skipped"] == [str(bad.resolve())]
+    assert torch.equal(LatentCache(tmp_path / "skip").batch(range(6))[0],
+                       LatentCache(tmp_path / "clean").batch(range(6))[0])
+    assert json.loads(clean.read_text())["splits"]["train"]["skipped"] == []
+    with pytest.raises(BadImageError, match=r"2_bad\.png: cannot decode.*on_bad_image is fail"):
+        encode_dataset(run[0], f"{kind}:{tmp_path / 'data'}", tmp_path / "fail", on_bad_image="fail", **options)
+    assert not (tmp_path / "fail" / MANIFEST).exists()
+
+
+def test_two_encodes_into_one_folder_the_second_stops_at_once(run, tmp_path):
+    (tmp_path / "cache").mkdir()
+    with RunLock(tmp_path / "cache", "encode"), pytest.raises(RunFolderError,
+                                                              match=rf"in use by another encode \(pid {os.getpid()} "):
+        encode_dataset(*run, tmp_path / "cache", **ENCODE)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock"]  # nothing written
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EncodeError, match="is a file, not a folder"):
+        encode_dataset(*run, tmp_path / "file", **ENCODE)
 
 
 # ----------------------------------------------------------------------------- the trainer from a cache
@@ -348,3 +407,12 @@ def test_a_cache_spec_loads_the_images_it_was_encoded_from(run, caches):
     for split in ("train", "test"):
         images = load_images(f"latents:{caches / 'fp32'}", split, 16, 1)
         assert torch.equal(images.images, pixels(run, split)[0])
+
+
+def test_a_cache_holds_its_splits_apart_when_its_images_do(run, caches, tmp_path):
+    from ul_fast.data import splits_apart
+
+    assert splits_apart(f"latents:{caches / 'fp32'}")  # encoded from an .npz with train_images and test_images
+    np.save(tmp_path / "one-set.npy", np.load(run[1].partition(":")[2])["train_images"])
+    encode_dataset(run[0], f"array:{tmp_path / 'one-set.npy'}", tmp_path / "cache", **ENCODE)
+    assert not splits_apart(f"latents:{tmp_path / 'cache'}")

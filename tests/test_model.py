@@ -8,6 +8,7 @@ import torch
 from ul_fast import ops
 from ul_fast.config import ConfigError
 from ul_fast.model import UnifiedLatents
+from ul_fast.model.draws import draw_term
 from ul_fast.sampling import logsnr_grid, sample
 from ul_fast.train import CheckpointError, load_trained_model, save_checkpoint
 from ul_fast.train.ema import make_ema_model
@@ -74,9 +75,9 @@ def test_gradients_reach_the_encoder_from_both_terms(model):
     x, g = images(), torch.Generator().manual_seed(0)
     z_clean = model.encode(x)
     z_0 = model.noisy_latent(z_clean, generator=g)
-    prior_term = model._diffusion_term(model.prior, z_clean, model.latent_schedule, g).mean()
-    decoder_term = model._diffusion_term(model.decoder, x, model.pixel_schedule, g, loss_factor=3.0, bias=0.0,
-                                         z_0=z_0).mean()
+    prior_term = model._diffusion_term(model.prior, z_clean, model.latent_schedule, draw_term("cpu", g)).mean()
+    decoder_term = model._diffusion_term(model.decoder, x, model.pixel_schedule, draw_term("cpu", g), loss_factor=3.0,
+                                         bias=0.0, z_0=z_0).mean()
     params = list(model.encoder.parameters())
     for term in (prior_term, decoder_term):
         grads = torch.autograd.grad(term, params, retain_graph=True)
@@ -238,8 +239,8 @@ def test_latent_nats_of_the_base_model_is_the_same_elbo_under_the_base_network()
     labels = torch.tensor([0, 1, 2, 3])
     given = conditional.latent_nats(x, "base", labels=labels, generator=torch.Generator().manual_seed(1))
     z = conditional.encode(x)
-    undropped = conditional._latent_rate(z, conditional._rate_kl(z, "base"), "base", torch.Generator().manual_seed(1),
-                                         labels=labels)
+    undropped = conditional._latent_rate(z, conditional._rate_kl(z, "base"), "base",
+                                         draw_term("cpu", torch.Generator().manual_seed(1)), labels=labels)
     torch.testing.assert_close(given, undropped, rtol=0, atol=0)  # a dropout would draw and null most labels
     assert not torch.equal(given, conditional.latent_nats(x, "base", generator=torch.Generator().manual_seed(1)))
 

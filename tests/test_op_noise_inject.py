@@ -64,6 +64,16 @@ def test_philox_words_bitwise(seed, first):
     assert torch.equal(extension.philox_words(1500, seed, first), spec)
 
 
+@pytest.mark.parametrize("seed", [*SEEDS, 2**63 + 12345, 2**64 - 1])  # the last two: negative as int64
+def test_a_seed_tensor_gives_the_int_seeds_noise(seed):
+    """The reference reads its seed on the device (no host read: it compiles and replays in a CUDA graph): an
+    int64 tensor holding the seed's two's-complement bit pattern gives exactly the noise of the int seed."""
+    bits = torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
+    assert torch.equal(philox_normal(1001, bits), philox_normal(1001, seed))
+    traced = torch.compile(lambda s: reference.gaussian_noise((7, 11), s), backend="eager", fullgraph=True)
+    assert torch.equal(traced(bits), philox_normal(77, seed).reshape(7, 11))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_philox_normals_within_few_ulp(seed):
     n = 100_003

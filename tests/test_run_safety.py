@@ -3,6 +3,7 @@ corrupted checkpoint; resume changes only what may change; leftovers of a kill n
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,13 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ul_fast.config import ConfigError, load_config
 from ul_fast.eval.plot import read_metrics_file
 from ul_fast.train import CheckpointError, RunFolderError, Trainer, TrainingAborted, TrainingInterrupted
 from ul_fast.train import trainer as trainer_module
-from ul_fast.train.checkpoint import CheckpointWarning, latest_checkpoint, load_trained_model
+from ul_fast.train.checkpoint import (
+    CheckpointWarning,
+    NonFiniteWeightsError,
+    _write_checksums,
+    latest_checkpoint,
+    load_trained_model,
+    save_checkpoint,
+)
 from ul_fast.train.metrics_log import read_metrics
 from ul_fast.train.run_folder import RunLock
 from ul_fast.train.trainer import lr_factor
@@ -203,6 +211,80 @@ def test_a_corrupted_checkpoint_is_detected_and_the_newest_good_one_resumed(tmp_
     corrupt_tensor_data(run / "checkpoints/step_00000004/ema.safetensors")
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no readable checkpoint"):
         load_trained_model(run)
+
+
+def test_an_older_damaged_checkpoint_is_moved_aside_too(tmp_path):
+    """Damage that resume meets on its way (``latest`` still naming the older checkpoint, as after a kill between
+    the rename of a new checkpoint and the update of ``latest``), and damage it does not need (an older checkpoint
+    behind an intact newest): both are reported and moved to corrupt-step_*, out of the next resume and pruning."""
+    run = tmp_path / "run"
+    fit(run, stage1_steps=6)  # checkpoints at steps 4 and 6
+    (run / "checkpoints/latest").write_text("step_00000004\n")
+    corrupt_tensor_data(run / "checkpoints/step_00000004/model.safetensors")
+    with pytest.warns(CheckpointWarning, match="skipping checkpoint step_00000004"):
+        fit(run, resume=True, stage1_steps=8, checkpoint_every=100)  # takes step 6, writes step 8
+    assert checkpoints(run) == ["corrupt-step_00000004", "latest", "step_00000006", "step_00000008"]
+
+    corrupt_tensor_data(run / "checkpoints/step_00000006/ema.safetensors")
+    with pytest.warns(CheckpointWarning, match=r"checkpoint step_00000006 is damaged .*moved aside to "
+                                               r"corrupt-step_00000006"):
+        fit(run, resume=True, stage1_steps=10, checkpoint_every=100)  # takes step 8, never needs step 6
+    assert checkpoints(run) == ["corrupt-step_00000004", "corrupt-step_00000006", "latest", "step_00000008",
+                                "step_00000010"]
+
+
+def test_a_latest_pointer_that_names_no_checkpoint_is_refused(tmp_path):
+    """`..` or an empty line in checkpoints/latest was taken for a checkpoint folder."""
+    run = tmp_path / "run"
+    fit(run, stage1_steps=6)
+    for pointer in ("..", "", ".", "step_00000004/..", "../../etc"):
+        (run / "checkpoints/latest").write_text(pointer + "\n")
+        with pytest.raises(CheckpointError, match=rf"latest holds {re.escape(repr(pointer))}, not the name of a "
+                                                  r"checkpoint folder \(step_N\)"):
+            latest_checkpoint(run)
+    (run / "checkpoints/latest").write_text("..\n")
+    with pytest.warns(CheckpointWarning, match="trying the checkpoint folders instead"):
+        fit(run, resume=True, stage1_steps=8)  # takes step 6, the newest folder
+    assert latest_checkpoint(run).name == "step_00000008"
+
+
+def test_non_finite_weights_are_never_written_and_the_checkpoints_there_are_kept(tmp_path):
+    """A diverged update (weights NaN although that step's loss and gradient were finite): save_checkpoint
+    refuses before it writes or prunes anything, naming the tensor, even with keep_last 1."""
+    run = tmp_path / "run"
+    fit(run, stage1_steps=4, keep_last=1)
+    before = {p.name: p.read_bytes() for p in (latest_checkpoint(run)).iterdir()}
+    model = load_trained_model(run)[1]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    for bad in ("model", "ema"):
+        broken = {**weights, name: torch.full_like(weights[name], float("nan" if bad == "model" else "inf"))}
+        with pytest.raises(NonFiniteWeightsError, match=rf"not writing checkpoint step_00000005: "
+                                                        rf"{'weight' if bad == 'model' else 'EMA weight'} {name} holds "
+                                                        r"NaN or inf"):
+            save_checkpoint(run, 5, broken if bad == "model" else weights, broken if bad == "ema" else weights,
+                            {}, keep_last=1)
+    assert checkpoints(run) == ["latest", "step_00000004"]
+    assert {p.name: p.read_bytes() for p in (latest_checkpoint(run)).iterdir()} == before
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_taken(tmp_path):
+    """As an older version wrote them: intact files (checksums match) of NaN weights. Sampling and resume take the
+    checkpoint before it; resume moves it to nonfinite-step_*, out of pruning."""
+    run = tmp_path / "run"
+    fit(run, stage1_steps=6)
+    folder = run / "checkpoints/step_00000006"
+    for file in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(folder / file)
+        save_file({k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
+                  folder / file, metadata={"format": "ul_fast.checkpoint.v1"})
+    (folder / "checksums.json").unlink()
+    _write_checksums(folder)
+    with pytest.warns(CheckpointWarning, match=r"skipping checkpoint step_00000006: .*holds NaN or inf"):
+        assert torch.isfinite(torch.cat([p.flatten() for p in load_trained_model(run)[1].parameters()])).all()
+    with pytest.warns(CheckpointWarning, match="skipping checkpoint step_00000006"):
+        fit(run, resume=True, stage1_steps=7, checkpoint_every=100)
+    assert checkpoints(run) == ["latest", "nonfinite-step_00000006", "step_00000004", "step_00000007"]
 
 
 def test_a_checkpoint_without_checksums_loads_unverified(tmp_path):

@@ -1,4 +1,4 @@
-"""``ul-fast`` command line: train, sample, eval, distill, prepare-shards, encode, plot, info.
+"""``ul-fast`` command line: train, sample, eval, distill, export, prepare-shards, encode, plot, info.
 
 A user error (a bad option, config, data file or run folder) is one line on stderr, ``ul-fast: error: …``,
 and exit status 2; ``--debug`` (or the environment variable ``UL_FAST_DEBUG=1``) shows its traceback
@@ -19,13 +19,15 @@ import torch
 import yaml
 from PIL import Image
 
-from ul_fast.config import DEVICE_PATTERN, preset_names
+from ul_fast.api.export import DTYPES, PARTS
+from ul_fast.config import DEVICE_PATTERN, Config, preset_names
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
 
 def _train(args: argparse.Namespace) -> None:
     from ul_fast.config import load_config
     from ul_fast.train import Trainer, TrainingAborted, TrainingInterrupted
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.resume_policy import check_resume_changes, config_changes
     from ul_fast.train.run_folder import check_new_run
 
@@ -42,16 +44,22 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.overwrite:
             raise ValueError("ul-fast train: --overwrite replaces a run with a new one; it does not go with --resume")
+        if args.out:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run in its own folder: drop --out "
+                             f"{args.out} (a run is not continued into another folder)")
+        if args.config:
+            raise ValueError(f"ul-fast train: --resume {args.resume} continues that run with its own config.yaml: drop "
+                             f"--config {args.config} (--set KEY=VALUE changes what a resume may change)")
         run_dir = Path(args.resume)
-        config = load_config(str(run_dir / "config.yaml"), args.set)
+        config = load_run_config(run_dir, args.set)
         # Refused before any work; the trainer checks again against the checkpoint's own config.
-        check_resume_changes(config_changes(load_config(str(run_dir / "config.yaml")).to_dict(), config.to_dict()))
+        check_resume_changes(config_changes(load_run_config(run_dir).to_dict(), config.to_dict()))
     else:
         if not args.out:
             raise ValueError("ul-fast train: give --out RUN (a new run) or --resume RUN")
         run_dir = Path(args.out)
         check_new_run(run_dir, args.overwrite)
-        config = load_config(args.config, args.set)
+        config = load_config(args.config or "tiny", args.set)
     if distributed and torch.cuda.is_available() and config.train.device == "auto":
         config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if args.no_progress:
@@ -72,35 +80,43 @@ def _train(args: argparse.Namespace) -> None:
         print(f"run written to {run_dir}")
 
 
-def _base_model_trained(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> bool:
-    """Whether the base model of a run has trained: in single_stage mode stage 1 trains it; in two_stage mode
-    once the run's newest readable checkpoint is in stage 2, or the run it was initialised from had one."""
-    from ul_fast.config import SINGLE_STAGE, ConfigError, load_config
-    from ul_fast.train.checkpoint import CheckpointError, CheckpointWarning, load_state, newest_readable_checkpoint
+def _samplers(args: argparse.Namespace, config: Config) -> tuple[str, str]:
+    """``(base model's sampler, decoder's sampler)`` of ``ul-fast sample`` / ``eval``: ``--sampler`` sets both, and
+    ``--decoder-sampler`` the decoder's; by default the run's ``sample.sampler`` and ``sample.decoder_sampler``
+    (null: the same). A distilled decoder (:func:`~ul_fast.train.distill.distilled_decoder`) takes its own sampler
+    only (ValueError naming the options otherwise) and warns at other steps or another grid than its own."""
+    from ul_fast.train.distill import distilled_decoder
 
-    config = load_config(str(Path(run_dir) / "config.yaml"))
-    if config.model.mode == SINGLE_STAGE:
-        return True
-    with warnings.catch_warnings():  # a skipped checkpoint was already reported when the weights were read
-        warnings.simplefilter("ignore", CheckpointWarning)
-        _, state = newest_readable_checkpoint(run_dir, load_state)
-    if state["stage"] == 2 and state["stage_step"] > 0:
-        return True
-    if config.train.init_from is None:
-        return False
-    source = Path(config.train.init_from).resolve()
-    try:  # a stage-1 run initialised from another run has that run's base model
-        return source not in seen and _base_model_trained(source, (*seen, Path(run_dir).resolve()))
-    except (CheckpointError, ConfigError):  # that run is gone: trust the weights, as before this check
-        return True
+    s = config.sample
+    latent = args.sampler or s.sampler
+    decoder = args.decoder_sampler or args.sampler or s.decoder_sampler or s.sampler
+    distilled = distilled_decoder(args.run)
+    if distilled is None:
+        return latent, decoder
+    where = (f"the decoder of {args.run}" + ("" if distilled["run"] == str(args.run) else
+                                             f" (from {distilled['run']})") +
+             f" is distilled for {distilled['steps']} {distilled['sampler']} steps on the {distilled['spacing']} grid")
+    if decoder != distilled["sampler"]:
+        if args.decoder_sampler:
+            raise ValueError(f"{where}: it samples right with {distilled['sampler']} only; drop --decoder-sampler "
+                             f"{args.decoder_sampler}")
+        option = f"--sampler {args.sampler}" if args.sampler else f"the run's sample.sampler {s.sampler}"
+        raise ValueError(f"{where}: it samples right with {distilled['sampler']} only, and {option} would apply to "
+                         f"it too; add --decoder-sampler {distilled['sampler']} to sample the base model with "
+                         f"{latent} and the decoder with {distilled['sampler']}")
+    steps, spacing = args.decoder_steps or s.decoder_steps, args.spacing or s.spacing
+    if (steps, spacing) != (distilled["steps"], distilled["spacing"]):
+        warnings.warn(f"{where}; at {steps} steps on the {spacing} grid its quality is unknown", UserWarning,
+                      stacklevel=2)
+    return latent, decoder
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from ul_fast.api import open_model
     from ul_fast.data import Conditioning
     from ul_fast.devices import resolve_device
     from ul_fast.eval import save_grid
     from ul_fast.eval.adherence import negatives, read_prompts
-    from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device, check_text_model
 
     check_device(args.device, "--device")
@@ -109,10 +125,15 @@ def _sample(args: argparse.Namespace) -> None:
     prompts = None if args.prompts is None else read_prompts(args.prompts)
     n = args.n or (1 if prompts is not None else 64)  # with --prompts: images per prompt
     device = resolve_device(args.device)
-    config, model = load_trained_model(args.run, device)
+    opened = open_model(args.run, device)  # a run folder, an exported folder or a shipped model's name
+    config, model = opened.config, opened.model
     m, s = config.model, config.sample
     check_text_model(config)  # the text encoder is there and fits, before any sampling
-    if _base_model_trained(args.run):
+    if opened.base_model_trained:
+        if args.label is not None and m.context_dim:
+            raise ValueError(f"{args.run} is text-conditioned: it takes --prompt or --prompts, not --label")
+        if args.label is not None and not m.num_classes:
+            raise ValueError(f"{args.run} is unconditional (model.num_classes: 0): drop --label")
         if (args.prompt is not None or prompts is not None or args.negative_prompt is not None) and not m.context_dim:
             raise ValueError(f"--prompt, --prompts and --negative-prompt need a text-conditioned run; {args.run} has "
                              f"model.context_dim: null")
@@ -130,16 +151,20 @@ def _sample(args: argparse.Namespace) -> None:
             conditioning, columns = Conditioning(m, device).for_request(n, args.prompt, args.label,
                                                                         args.negative_prompt)
     else:  # the latents of the stage-1 prior decode to images too: better than the noise of an untrained base
+        if model.prior is None and not model.normal_prior:
+            raise ValueError(f"{args.run} has no base model and no prior (networks: {', '.join(opened.networks)}): "
+                             f"nothing to sample; export the run with --part all")
         if args.prompt is not None or args.label is not None or prompts is not None:
             raise ValueError(f"{args.run} has no trained base model (stage 2 has not run), and its stage-1 prior is "
                              f"unconditional: drop --label and --prompt(s) to sample from the prior")
         print(f"ul-fast: note: {args.run} has no trained base model (stage 2 has not run): sampling from its "
               f"stage-1 prior, unconditionally", file=sys.stderr)
         conditioning, columns = {"use_prior": True}, None
+    latent_sampler, decoder_sampler = _samplers(args, config)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = model.sample(n * len(prompts) if prompts is not None else n, args.latent_steps or s.latent_steps,
                           args.decoder_steps or s.decoder_steps,
-                          args.sampler or s.sampler, generator, progress=not args.no_progress,
+                          latent_sampler, generator, progress=not args.no_progress, decoder_sampler=decoder_sampler,
                           spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                           guidance=s.guidance if args.guidance is None else args.guidance,
                           guidance_interval=tuple(s.guidance_interval), **conditioning).float()
@@ -170,46 +195,53 @@ def _write_prompt_images(images: torch.Tensor, prompts: list[str], n: int, grid:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
+    from ul_fast.api import open_model
+    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images, splits_apart
     from ul_fast.devices import resolve_device
     from ul_fast.eval.adherence import read_prompts
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
     from ul_fast.files import write_json_atomically
-    from ul_fast.train import load_trained_model
     from ul_fast.train.preflight import check_device, check_text_model
 
     check_device(args.device, "--device")
     prompts = None if args.prompts is None else read_prompts(args.prompts)  # before any work
     device = resolve_device(args.device)
-    config, model = load_trained_model(args.run, device)
+    opened = open_model(args.run, device)  # a run folder, an exported folder or a shipped model's name
+    config, model = opened.config, opened.model
     m, s = config.model, config.sample
     check_features(args.features, m.image_channels)  # before the data is read
     check_text_model(config)
     if (prompts is not None or args.negative_prompt is not None) and not m.context_dim:
         raise ValueError(f"--prompts and --negative-prompt need a text-conditioned run; {args.run} has "
                          f"model.context_dim: null")
+    latent_sampler, decoder_sampler = _samplers(args, config)
     train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
                                          stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
-    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=args.sampler or s.sampler,
+    result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=latent_sampler,
+                            decoder_sampler=decoder_sampler,
                             spacing=args.spacing or s.spacing, cuda_graph=args.cuda_graph or s.cuda_graph,
                             latent_steps=args.latent_steps or s.latent_steps,
                             decoder_steps=args.decoder_steps or s.decoder_steps,
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
-                            base_trained=_base_model_trained(args.run), features=args.features,
-                            progress=not args.no_progress, prompts=prompts, negative_prompt=args.negative_prompt)
+                            base_trained=opened.base_model_trained, features=args.features,
+                            held_out=splits_apart(config.data.dataset), progress=not args.no_progress,
+                            prompts=prompts, negative_prompt=args.negative_prompt)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
     record = {"run": str(args.run), "dataset": config.data.dataset, **result,
               **({"prompts_file": str(args.prompts)} if args.prompts else {})}
-    path = write_json_atomically(Path(args.run) / EVAL_FILE, record)
     print(format_table(result))
+    if opened.kind == "shipped":  # its folder is part of the installed package: left as installed
+        print(f"ul-fast: note: {args.run} is a shipped model: {EVAL_FILE} not written", file=sys.stderr)
+        return
+    path = write_json_atomically(opened.path / EVAL_FILE, record)
     print(f"wrote {path}")
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
     from ul_fast.devices import resolve_device
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.distill import Distiller, DistillSettings
     from ul_fast.train.preflight import check_device
 
@@ -217,7 +249,7 @@ def _distill(args: argparse.Namespace) -> None:
         raise ValueError("ul-fast distill: --overwrite replaces a distillation with a new one; it does not go with "
                          "--resume")
     check_device(args.device, "--device")
-    teacher = load_config(str(Path(args.run) / "config.yaml"))
+    teacher = load_run_config(args.run)
     settings = DistillSettings(
         teacher=str(args.run), from_steps=args.from_steps, to_steps=args.to_steps,
         steps_per_round=args.steps_per_round, batch_size=args.batch or teacher.train.batch_size, lr=args.lr,
@@ -225,6 +257,14 @@ def _distill(args: argparse.Namespace) -> None:
     out = Distiller(settings, args.out, resolve_device(args.device), progress=not args.no_progress).run(
         resume=args.resume, overwrite=args.overwrite)
     print(f"distilled decoder ({args.from_steps} → {args.to_steps} steps) written to {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ul_fast.api import export_run
+
+    out = export_run(args.run, args.out, part=args.part, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.run} ({args.part}, {args.dtype}) to {out}; load it with ul_fast.load({str(out)!r}) or "
+          f"ul-fast sample --run {out}")
 
 
 def _prepare_shards(args: argparse.Namespace) -> None:
@@ -237,13 +277,14 @@ def _prepare_shards(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from ul_fast.config import load_config
+    from ul_fast.train.checkpoint import load_run_config
     from ul_fast.train.encode import encode_dataset
 
-    data = args.data or load_config(str(Path(args.run) / "config.yaml")).data.dataset
-    manifest = encode_dataset(args.run, data, args.out, dtype=args.dtype, flip=args.flip, batch_size=args.batch,
-                              device=args.device, shard_size=args.shard_size, num_workers=args.workers,
-                              overwrite=args.overwrite, progress=not args.no_progress)
+    run_data = load_run_config(args.run).data
+    manifest = encode_dataset(args.run, args.data or run_data.dataset, args.out, dtype=args.dtype, flip=args.flip,
+                              batch_size=args.batch, device=args.device, shard_size=args.shard_size,
+                              num_workers=args.workers, overwrite=args.overwrite,
+                              on_bad_image=args.on_bad_image or run_data.on_bad_image, progress=not args.no_progress)
     print(f"latent cache written to {manifest.parent}; train stage 2 on it with --set data.dataset=latents:"
           f"{manifest.parent} --set train.init_from={args.run} --set train.stage1_steps=0")
 
@@ -335,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error instead of one line (also: UL_FAST_DEBUG=1)")
     # options several commands share, written once
     sampling = argparse.ArgumentParser(add_help=False)  # sample, eval
-    sampling.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the run's sample.sampler)")
+    sampling.add_argument("--sampler", choices=SAMPLERS,
+                          help="diffusion sampler of the base model and the decoder (default: the run's "
+                               "sample.sampler)")
+    sampling.add_argument("--decoder-sampler", choices=SAMPLERS,
+                          help="the decoder's sampler, when it differs from --sampler (default: the run's "
+                               "sample.decoder_sampler, else --sampler); a distilled decoder takes ddim only")
     sampling.add_argument("--spacing", choices=SPACINGS,
                           help="step grid, uniform in time or in log-SNR (default: the run's sample.spacing)")
     sampling.add_argument("--cuda-graph", action="store_true",
@@ -356,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model into a new run folder (--out) or continue one (--resume). Stage 1 trains the "
                     "encoder, the latent prior and the decoder; stage 2 the base model on the frozen latents. Every "
                     "setting is checked before any work starts.")
-    train.add_argument("--config", default="tiny",
+    train.add_argument("--config",
                        help=f"a preset ({', '.join(preset_names())}; default tiny) or a YAML file, which may start "
                             f"with 'extends: PRESET' and set only the keys that differ")
     train.add_argument("--out", help="run folder to create (refused if it holds a run: see --resume, --overwrite)")
@@ -373,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", parents=[common, sampling, running], help="sample images from a trained run",
         description="Generate a grid of images with a run's newest checkpoint (EMA weights): the base model's "
                     "latents, decoded. A run whose stage 2 has not run samples its stage-1 prior instead.")
-    sample.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    sample.add_argument("--run", required=True, help="run folder written by ul-fast train, an exported model's folder "
+                        "(ul-fast export) or a shipped model's name (fmnist-tiny)")
     sample.add_argument("-n", type=_positive_int,
                         help="number of images (default 64); with --prompts, images per prompt (default 1)")
     sample.add_argument("--out", type=_image_path, default="samples.png",
@@ -399,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "KID of their reconstructions (rFD) and of N base-model samples against the training set (gFD), "
                     "the reconstructions' PSNR, and bits/pixel of their latents under the prior and under the base "
                     "model. Prints a table and writes RUN/eval.json.")
-    evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train")
+    evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train, an exported model's "
+                          "folder (ul-fast export) or a shipped model's name (fmnist-tiny; eval.json is not written)")
     evaluate.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
                           help="N: held-out images to reconstruct and images to sample (default 1000; at most "
                                "the test split's size)")
@@ -447,6 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     distill.set_defaults(func=_distill)
 
+    export = sub.add_parser(
+        "export", parents=[common], help="write a run as a self-contained model folder (safetensors, model card)",
+        description="Export the EMA weights of a run's newest checkpoint into a folder that loads without the run: "
+                    "config.json (the model config), one safetensors file per network, manifest.json (SHA-256 of "
+                    "every file, sampling defaults, data) and README.md (a model card with the run's eval.json "
+                    "figures). No pickle. Load it with ul_fast.load(DIR) or --run DIR. Written under a temporary "
+                    "name and renamed when complete.")
+    export.add_argument("--run", required=True, help="run folder written by ul-fast train or ul-fast distill")
+    export.add_argument("--out", required=True, help="folder to create (refused if it holds anything but an export)")
+    export.add_argument("--part", choices=tuple(PARTS), default="all",
+                        help="encoder-decoder: the tokenizer (encode, decode, reconstruct); all: also the prior and "
+                             "the base model (bits/pixel, sampling) (default all)")
+    export.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="storage precision of the weights; loaded back into fp32 (default fp32: bit-exact)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.set_defaults(func=_export)
+
     shards = sub.add_parser(
         "prepare-shards", parents=[common], help="write a data set as WebDataset tar shards (data.dataset shards:DIR)",
         description="Write any data set ul-fast reads (--data, a data.dataset spec) as tar shards in the WebDataset "
@@ -491,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--workers", type=_non_negative_int, default=0, metavar="W",
                         help="DataLoader workers decoding a streamed data set (default 0: in this process)")
     encode.add_argument("--overwrite", action="store_true", help="replace a cache already in --out")
+    encode.add_argument("--on-bad-image", choices=("skip", "fail"),
+                        help="an undecodable image: leave it out with a warning (named in the manifest), or stop "
+                             "(default: the run's data.on_bad_image)")
     encode.set_defaults(func=_encode)
 
     plot = sub.add_parser("plot", parents=[common], help="draw loss, bits/pixel and PSNR curves of a run to PNG",

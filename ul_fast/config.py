@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from ul_fast.diffusion import PREDICTIONS, SCHEDULE_KINDS
+from ul_fast.files import write_atomically
 from ul_fast.sampling import SAMPLERS, SPACINGS
 
 TWO_STAGE, SINGLE_STAGE = "two_stage", "single_stage"
@@ -173,7 +174,13 @@ class TrainConfig:
     grad_accumulation: int = 1
     ema_decay: float = 0.999
     precision: str = "auto"
+    # torch.compile of each stage's whole loss (networks, ops and losses) as one graph (fullgraph=True).
     compile: bool = False
+    # CUDA: capture each stage's whole step (forward, backward, clipping, AdamW, EMA) once per input shape and
+    # replay it; one process only. A capture that fails warns once and the step runs eagerly.
+    cuda_graph: bool = False
+    # Dense bf16 peak TFLOP/s of one device, for the logged mfu; 0: from ul_fast.train.flops.PEAK_TFLOPS.
+    peak_tflops: float = 0.0
     log_every: int = 50
     eval_every: int = 500
     eval_images: int = 16
@@ -211,6 +218,8 @@ class DataConfig:
 @dataclass
 class SampleConfig:
     sampler: str = "ddim"  # ddim | ancestral | dpmpp_2m | heun (heun: two network evaluations per step)
+    # The decoder's sampler; null = sampler. A distilled decoder (ul-fast distill) records ddim here.
+    decoder_sampler: str | None = None
     latent_steps: int = 32
     decoder_steps: int = 32
     spacing: str = "time"  # step grid: time (uniform in the schedule's t) | logsnr (uniform in λ)
@@ -428,8 +437,29 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, _rename_deprecated_keys(data)).validate()
 
 
+def missing_keys(data: dict[str, Any], cls: type = Config, prefix: str = "") -> list[str]:
+    """The dotted keys of the config dataclasses that ``data`` (nested dicts, as read from YAML, deprecated keys
+    renamed) leaves out, in the dataclasses' order; a section left out counts as all of its keys."""
+    missing = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            section = data.get(f.name) if isinstance(data, dict) else None
+            missing += missing_keys(section if isinstance(section, dict) else {}, hint, f"{prefix}{f.name}.")
+        elif not isinstance(data, dict) or f.name not in data:
+            missing.append(prefix + f.name)
+    return missing
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The nested dicts of a config YAML file as written (no ``extends`` resolved, no defaults filled in), deprecated
+    keys renamed; ConfigError naming the file for invalid YAML."""
+    return _rename_deprecated_keys(_yaml_mapping(Path(path).read_text(), f"config {path}"))
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write ``config`` fully resolved as YAML, atomically (a kill leaves the old file or the new one)."""
+    write_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -437,8 +467,37 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+INFINITY_ALLOWED = {"train.grad_clip": (math.inf,), "sample.guidance_interval": (-math.inf, math.inf)}
+"""The float keys that may be infinite, and which infinities: no gradient clipping (``.inf``), guidance at every
+log-SNR (``[-.inf, .inf]``). Every other float must be finite, and none may be NaN."""
+
+
+def _float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(key, value)`` of every float in a config dataclass tree (each entry of a list of floats too)."""
+    found = []
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _float_values(value, key + ".")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, list):
+            found += [(key, v) for v in value if isinstance(v, float)]
+    return found
+
+
+def _validate_finite(config: Config) -> None:
+    """Every float is a number, and finite unless :data:`INFINITY_ALLOWED` says otherwise (e.g. ``train.lr=.inf``
+    would turn every weight into NaN at the first step)."""
+    for key, value in _float_values(config):
+        if not (math.isfinite(value) or value in INFINITY_ALLOWED.get(key, ())):
+            allowed = " or ".join(f"{v}" for v in INFINITY_ALLOWED.get(key, ()))
+            _require(False, f"{key} must be a finite number{f' (or {allowed})' if allowed else ''}, got {value}")
+
+
 def validate(config: Config) -> None:
     """Raise :class:`ConfigError`, naming the key, at the first value out of range or inconsistent."""
+    _validate_finite(config)
     _validate_model(config.model, config.train)
     _validate_networks(config.model)
     _validate_train(config.train)
@@ -553,7 +612,8 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.batch_size > 0 and t.grad_accumulation > 0, "train.batch_size and grad_accumulation must be > 0")
     _require(t.stage1_steps >= 0 and t.stage2_steps >= 0, "train.stage1_steps and stage2_steps must be >= 0")
     _require(t.stage1_steps + t.stage2_steps > 0, "train.stage1_steps and stage2_steps are both 0: nothing to train")
-    _require(t.lr > 0 and t.base_lr > 0, "train.lr and train.base_lr must be > 0")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.base_lr > 0, f"train.base_lr must be > 0, got {t.base_lr}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.grad_clip > 0, f"train.grad_clip must be > 0 (.inf: no clipping), got {t.grad_clip}")
@@ -562,6 +622,8 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.keep_last >= 1, "train.keep_last must be >= 1")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _require(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
+    _require(math.isfinite(t.peak_tflops) and t.peak_tflops >= 0,
+             f"train.peak_tflops must be >= 0 (0: the card's entry in the peak table), got {t.peak_tflops}")
     _require(t.stage1_steps > 0 or not t.stage2_steps or t.init_from is not None,
              "train.stage1_steps is 0: stage 2 alone needs train.init_from (a run with a trained stage 1)")
     _require(t.log_every > 0 and t.eval_every > 0 and t.checkpoint_every > 0,
@@ -571,6 +633,8 @@ def _validate_train(t: TrainConfig) -> None:
 
 def _validate_sample(s: SampleConfig) -> None:
     _require(s.sampler in SAMPLERS, f"sample.sampler must be one of {SAMPLERS}, got {s.sampler!r}")
+    _require(s.decoder_sampler is None or s.decoder_sampler in SAMPLERS,
+             f"sample.decoder_sampler must be null (sample.sampler) or one of {SAMPLERS}, got {s.decoder_sampler!r}")
     _require(s.latent_steps > 0 and s.decoder_steps > 0, "sample.latent_steps and decoder_steps must be > 0")
     _require(s.spacing in SPACINGS, f"sample.spacing must be one of {SPACINGS}, got {s.spacing!r}")
     _require(s.grid_images > 0, f"sample.grid_images must be > 0, got {s.grid_images}")

@@ -44,6 +44,7 @@ from .spec import (
     load_dataset,
     load_images,
     spec_kind,
+    splits_apart,
 )
 from .stream import BatchStream
 
@@ -92,6 +93,7 @@ __all__ = [
     "read_idx",
     "resize_images",
     "spec_kind",
+    "splits_apart",
     "uint8_to_float",
     "with_article",
 ]

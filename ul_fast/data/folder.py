@@ -26,25 +26,29 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ul_fast.devices import available_memory
 
 from .augment import ImageTransform
 from .caption_data import CaptionTable, apply_caption_policy, caption_lines, decode_caption_bytes
 from .dataset import ImageArrayDataset, uint8_to_float
 from .errors import BadImageError
 
-__all__ = ["CAPTION_EXTENSION", "IMAGE_EXTENSIONS", "METADATA_FILE", "FolderListing", "decode_image",
-           "list_image_folder", "load_image_folder", "open_image", "read_folder_captions", "scan_image_folder",
-           "visible_entries"]
+__all__ = ["CAPTION_EXTENSION", "IMAGE_EXTENSIONS", "MEMORY_FRACTION", "METADATA_FILE", "FolderListing",
+           "check_folder_fits_in_memory", "decode_image", "list_image_folder", "load_image_folder", "open_image",
+           "read_folder_captions", "scan_image_folder", "visible_entries"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.jsonl"
 CAPTION_EXTENSION = ".txt"
+_BUFFER = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")  # how Pillow names the bytes it was given
 
 
 def visible_entries(folder: Path) -> list[os.DirEntry]:
@@ -191,15 +195,20 @@ def decode_image(data: bytes, channels: int, where: str) -> Image.Image:
     """Decode PNG or JPEG bytes to a Pillow image of mode "L" (``channels`` 1) or "RGB" (3; alpha dropped), at
     the stored size. Bytes that do not decode as either (truncated, empty, another format) raise
     :class:`BadImageError` naming ``where`` (a path, a shard member)."""
+    if not data:
+        raise BadImageError(where, "the file is empty")
     try:
         with Image.open(io.BytesIO(data)) as im:
             image_format = im.format
             if image_format in ("PNG", "JPEG"):
                 return im.convert("L" if channels == 1 else "RGB")
-    # Pillow's decode errors: unidentified or truncated data (OSError), garbled headers or tiles (SyntaxError,
-    # ValueError), absurd dimensions (DecompressionBombError).
+    except UnidentifiedImageError as e:  # its message names the in-memory buffer, not the file
+        raise BadImageError(where, f"not an image format Pillow reads ({len(data)} bytes starting "
+                                   f"{data[:8]!r})") from e
+    # Pillow's decode errors: truncated data (OSError), garbled headers or tiles (SyntaxError, ValueError), absurd
+    # dimensions (DecompressionBombError).
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(where, str(e) or type(e).__name__) from e
+        raise BadImageError(where, _BUFFER.sub("the image", str(e)) or type(e).__name__) from e
     raise BadImageError(where, f"a {image_format} image, expected PNG or JPEG")
 
 
@@ -212,6 +221,28 @@ def open_image(path: str | Path, channels: int) -> Image.Image:
     return decode_image(Path(path).read_bytes(), channels, str(path))
 
 
+MEMORY_FRACTION = 0.5
+"""The most of the machine's available memory (:func:`~ul_fast.devices.available_memory`) that loading an image
+folder into memory may take; a larger folder is refused and pointed to ``folder-stream:``."""
+BYTES_PER_VALUE_WHILE_LOADING = 6
+"""Peak bytes per pixel and channel of :func:`load_image_folder`: each image as uint8 (1), their stack (1) and the
+float32 result (4)."""
+
+
+def check_folder_fits_in_memory(root: Path, images: int, image_size: int, channels: int) -> None:
+    """Raise ValueError, pointing to ``folder-stream:``, when loading ``images`` images of ``root`` at
+    ``image_size`` would take more than :data:`MEMORY_FRACTION` of the available memory (unchecked where the
+    system does not tell it)."""
+    need = images * channels * image_size**2 * BYTES_PER_VALUE_WHILE_LOADING
+    have = available_memory()
+    if have is not None and need > MEMORY_FRACTION * have:
+        gib = 2**30
+        raise ValueError(f"folder:{root} holds {images:,} images, {need / gib:.1f} GiB while loading them into memory "
+                         f"at {image_size}x{image_size}x{channels}: more than {MEMORY_FRACTION:.0%} of the "
+                         f"{have / gib:.1f} GiB available; use data.dataset folder-stream:{root} (decoded image by "
+                         f"image while training, never all in memory)")
+
+
 def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
                       caption_policy: str | None = None) -> ImageArrayDataset:
     """Load every image under ``root`` into memory.
@@ -219,7 +250,8 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
     Returns images ``[N, channels, image_size, image_size]`` in [-1, 1]; labels ``[N]`` and
     ``class_names`` when ``root`` holds class sub-folders, else unlabeled; its captions when the folder has
     some. ``caption_policy`` (a text model's ``data.caption_policy``; None: captions are not required) decides
-    what an image without a caption does (:func:`~ul_fast.data.caption_data.apply_caption_policy`).
+    what an image without a caption does (:func:`~ul_fast.data.caption_data.apply_caption_policy`). ValueError
+    before any image is read when they would not fit in memory (:func:`check_folder_fits_in_memory`).
     """
     root = Path(root)
     if channels not in (1, 3):
@@ -234,6 +266,7 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3,
         captions, kept, _ = apply_caption_policy(captions, caption_policy, f"folder:{root}", lambda i: paths[i])
         if kept is not None:
             paths, labels = [paths[i] for i in kept], labels[kept]
+    check_folder_fits_in_memory(root, len(paths), image_size, channels)
     transform = ImageTransform(image_size, channels)  # center crop, no flip
     x = uint8_to_float(torch.stack([transform(open_image(root / path, channels)) for path in paths]))
     y = torch.from_numpy(labels).to(torch.int64) if class_names is not None else None

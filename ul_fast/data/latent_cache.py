@@ -271,7 +271,9 @@ class LatentCache(Dataset):
         flipped, image = divmod(index, self.images)
         k = bisect.bisect_right(self._starts, image) - 1
         arrays, row = self._shard(k), image - self._starts[k]
-        return from_storage(arrays["flipped" if flipped else "latents"][row], self.dtype), int(arrays["labels"][row])
+        latent = from_storage(arrays["flipped" if flipped else "latents"][row], self.dtype)
+        self._check_finite(latent[None], np.array([index]))
+        return latent, int(arrays["labels"][row])
 
     def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``indices`` at once: ``(z_clean float32 [b, C_z, h, w], labels int64 [b])``, gathered with one
@@ -296,7 +298,17 @@ class LatentCache(Dataset):
                     rows = image[picked] - starts[k]
                     latents[torch.from_numpy(picked)] = from_storage(arrays[kind][rows], self.dtype)
                     labels[torch.from_numpy(picked)] = torch.from_numpy(np.asarray(arrays["labels"][rows]))
+        self._check_finite(latents, order)
         return latents, labels
+
+    def _check_finite(self, latents: torch.Tensor, order: np.ndarray) -> None:
+        """Raise :class:`LatentCacheError` naming the first item whose latent holds NaN or inf: checked here, on
+        the CPU, so that the training step never reads the device to check its input."""
+        finite = np.isfinite(latents.numpy()).reshape(len(order), -1).all(axis=1)
+        if not finite.all():
+            bad = int(order[np.flatnonzero(~finite)[0]])
+            raise LatentCacheError(f"{self.source}: the latent of item {bad} is not finite (NaN or inf): the cache is "
+                                   "damaged; encode it again (ul-fast encode)")
 
     def _shard(self, k: int) -> dict[str, np.ndarray]:
         """Shard ``k``'s arrays, memory-mapped on first use in this process."""

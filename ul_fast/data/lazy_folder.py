@@ -10,7 +10,11 @@ the index (relative paths, labels, class names) is built once and cached as JSON
 
 A cached index is reused while the modification times of ``root`` and of every class folder are those it
 recorded: adding, removing or renaming an image changes its folder's time, and the index is rebuilt.
-(Rewriting an image in place does not; :meth:`LazyImageFolder.fingerprint` does not see it either.)
+(Rewriting an image in place does not; :meth:`LazyImageFolder.fingerprint` does not see it either.) A folder's
+time only moves by ticks of the file system's clock, so a file added in the tick in which the listing ended would
+leave it unchanged: an index is trusted only when every folder it lists had last changed at least
+:data:`MTIME_GRANULARITY_NS` before its listing ended; otherwise the next start lists the folder again. (So a new
+folder is listed at its first two starts: making ``<root>/.ul_fast`` at the first changes ``root``.)
 
 Captions (``metadata.jsonl`` or ``.txt`` side files, :mod:`ul_fast.data.folder`) are read when the index is built
 and kept in it; ``metadata.jsonl``'s size and modification time are part of what must be unchanged for a reuse.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,10 @@ from .folder import (
 
 __all__ = ["INDEX_VERSION", "LazyImageFolder"]
 
-INDEX_VERSION = 2  # 2: captions
+INDEX_VERSION = 3  # 2: captions; 3: the listing's time (settled folders)
+MTIME_GRANULARITY_NS = 2 * 10**9
+"""The coarsest tick of a file system's modification times in use (FAT: 2 s; ext4 and most others: a few ms),
+by which a folder must have changed before its listing ended for the index to be trusted."""
 _INDEX_FOLDER = ".ul_fast"  # hidden: the layout rules skip it
 _INDEX_NAME = "index.json"
 
@@ -98,7 +106,8 @@ def _is_current(index: Any, root: Path) -> bool:
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or index.get("root") != str(root):
         return False
     try:
-        return (_mtimes(root, index["classes"]) == index["mtimes_ns"]
+        settled = all(mtime <= index["listed_ns"] - MTIME_GRANULARITY_NS for mtime in index["mtimes_ns"])
+        return (settled and _mtimes(root, index["classes"]) == index["mtimes_ns"]
                 and _metadata_stat(root) == index["metadata_stat"])
     except (OSError, KeyError, TypeError):  # a class folder is gone, or the file is not an index
         return False
@@ -121,10 +130,11 @@ def _build_index(root: Path) -> dict[str, Any]:
     before = {e.name: e.stat().st_mtime_ns for e in visible_entries(root) if e.is_dir()}
     listing = scan_image_folder(root)
     captions = read_folder_captions(root, listing)
+    listed_ns = time.time_ns()  # a folder that changed later than a tick before this may change unseen
     # A class folder made while listing has no time from before: -1 never matches, so it is rebuilt next time.
     mtimes = [root_mtime] + [before.get(name, -1) for name in listing.class_names or []]
-    return {"version": INDEX_VERSION, "root": str(root), "mtimes_ns": mtimes, "metadata_stat": metadata,
-            "classes": listing.class_names, "files": listing.files,
+    return {"version": INDEX_VERSION, "root": str(root), "mtimes_ns": mtimes, "listed_ns": listed_ns,
+            "metadata_stat": metadata, "classes": listing.class_names, "files": listing.files,
             "captions": None if captions is None else captions.to_lists()}
 
 

@@ -25,6 +25,7 @@ tensors, or a source of ready tensors with no transform). How it keeps its guara
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Sized
@@ -123,12 +124,30 @@ class _KeyBatches:
             yield list(zip(epochs.tolist(), indices.tolist()))
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """A worker ignores SIGINT and SIGTERM: they reach the whole process group (Ctrl-C, a job scheduler), and
     stopping is the main process's decision (the trainer finishes its step and checkpoints), which then stops
-    the workers; a worker that died first would fail the step instead."""
-    for number in (signal.SIGINT, signal.SIGTERM):
+    the workers; a worker that died first would fail the step instead. The worker was forked with both signals
+    blocked (:func:`_workers_forked_with_stop_signals_blocked`), so none reaches it before they are ignored; the
+    ones that arrived meanwhile are dropped when they are unblocked."""
+    for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _workers_forked_with_stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread while DataLoader forks its workers: a fork inherits the mask, so a
+    signal sent before a worker's init ignores it cannot kill the worker. Here they only wait: a signal that
+    arrived meanwhile is handled when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StreamingBatches:
@@ -179,7 +198,10 @@ class StreamingBatches:
         loader = DataLoader(self._examples, batch_sampler=_KeyBatches(sampler_stream), collate_fn=_collate,
                             num_workers=self.num_workers, prefetch_factor=self.prefetch_factor if workers else None,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_stop_signals)
-        return iter(loader)
+        if not workers:
+            return iter(loader)
+        with _workers_forked_with_stop_signals_blocked():
+            return iter(loader)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | CaptionBatch]:
         """This rank's share of the next global batch: ``(images float32 [b, C, S, S] in [-1, 1] (or the

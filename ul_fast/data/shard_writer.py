@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from .augment import ImageTransform
 from .dataset import ImageArrayDataset, float_to_uint8, resize_images
 from .errors import BadImageError
 from .shards import CLASSES_NAME, IMAGE_EXTENSIONS, MANIFEST_NAME, ShardSource
-from .spec import has_split_folders, load_dataset
+from .spec import load_dataset, splits_apart
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_COUNT", "prepare_shards", "write_shards"]
 
@@ -258,23 +257,6 @@ def write_shards(data: ImageArrayDataset | Any, out_dir: str | Path, *, max_coun
     return out_dir
 
 
-def _splits(spec: str) -> tuple[str, ...] | None:
-    """The splits the data named by ``spec`` holds apart (``("train", "test")``), or None when one set of data
-    serves both (a folder without ``train/`` and ``test/``, a ``.npy`` file)."""
-    kind, _, arg = spec.partition(":")
-    if kind in ("fmnist-embedded", "fmnist"):
-        return ("train", "test")
-    if kind in ("folder", "folder-stream", "shards") and arg:
-        return ("train", "test") if has_split_folders(Path(arg)) else None
-    if kind == "array" and arg.endswith(".npz") and Path(arg).is_file():
-        try:
-            with np.load(arg, allow_pickle=False) as z:
-                return ("train", "test") if {"train_images", "test_images"} <= set(z.files) else None
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"prepare_shards: {arg} cannot be read as a NumPy .npz file ({e})") from e
-    return None  # load_dataset names what is wrong with any other spec
-
-
 def prepare_shards(spec: str, out_dir: str | Path, *, image_size: int | None = None, channels: int | None = None,
                    image_format: str = "png", quality: int = 95, max_count: int = DEFAULT_MAX_COUNT,
                    max_bytes: int = DEFAULT_MAX_BYTES, on_bad_image: str = "skip", progress: bool = True) -> Path:
@@ -300,8 +282,7 @@ def prepare_shards(spec: str, out_dir: str | Path, *, image_size: int | None = N
         image_size = 28  # Fashion-MNIST's own size
     out_dir = Path(out_dir)
     staging = _staging(out_dir)
-    splits = _splits(spec)
-    for split in splits or (None,):
+    for split in ("train", "test") if splits_apart(spec) else (None,):
         data = load_dataset(spec, split or "train", image_size, channels)
         _write_split(data, staging if split is None else staging / split, max_count=max_count,
                      max_bytes=max_bytes, image_format=image_format, quality=quality, image_size=image_size,

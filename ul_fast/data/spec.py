@@ -16,7 +16,8 @@ Streamed from disk (:data:`STREAMING_KINDS`; a map-style source read example by 
     (:class:`~ul_fast.data.latent_cache.LatentCache`: ``(z_clean, label)`` examples, for stage 2).
 
 For ``folder:``, ``folder-stream:`` and ``shards:``, when ``<dir>/train`` and ``<dir>/test`` both exist,
-``<dir>/<split>`` is used; otherwise ``<dir>`` serves both splits.
+``<dir>/<split>`` is used; otherwise ``<dir>`` serves both splits, and the test split is no held-out set
+(:func:`splits_apart` says which specs hold their splits apart).
 
 Captions (text-to-image) come with ``folder:``/``folder-stream:`` (``metadata.jsonl`` or ``.txt`` side files),
 ``shards:`` (``txt`` members) and ``latents:`` (the captions encoded with the cache): the data's ``captions``
@@ -25,21 +26,24 @@ attribute, None when it has none (:mod:`ul_fast.data.caption_data`).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .arrays import load_array
 from .augment import ImageTransform
 from .dataset import ImageArrayDataset
 from .fashion_mnist import DEBIAN_FASHION_MNIST_ROOT, load_embedded_fashion_mnist, load_fashion_mnist_idx
 from .folder import load_image_folder
-from .latent_cache import LatentCache
+from .latent_cache import MANIFEST, LatentCache
 from .lazy_folder import LazyImageFolder
 from .loader import load_examples
 from .shards import ShardSource
 
 __all__ = ["DATASET_SPECS", "STREAMED_IMAGES_IN_MEMORY", "STREAMING_KINDS", "is_streaming", "load_dataset",
-           "load_images", "spec_kind"]
+           "load_images", "spec_kind", "splits_apart"]
 
 DATASET_SPECS = ("fmnist-embedded", "fmnist[:<dir>]", "folder:<dir>", "array:<file.npy|file.npz>",
                  "folder-stream:<dir>", "shards:<dir>", "latents:<dir>")
@@ -63,6 +67,28 @@ def is_streaming(spec: str) -> bool:
 def has_split_folders(root: Path) -> bool:
     """Whether ``root`` holds its splits apart, as the folders ``root/train`` and ``root/test``."""
     return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def splits_apart(spec: str) -> bool:
+    """Whether the data named by ``spec`` holds its train and test splits apart, so that its test split is held out:
+    Fashion-MNIST; an ``.npz`` with ``train_images`` and ``test_images``; a folder or shard set with ``train/`` and
+    ``test/``; a latent cache of such data. Otherwise one set of images serves both splits (a ``.npy``, an ``.npz``
+    of ``images`` only, a folder without ``train/`` and ``test/``), and "held-out" numbers would be measured on
+    training images. Unknown or broken specs answer False (:func:`load_dataset` names what is wrong)."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("fmnist-embedded", "fmnist"):
+        return True
+    if kind in ("folder", "folder-stream", "shards") and arg:
+        return has_split_folders(Path(arg))
+    if kind == "array" and arg.endswith(".npz") and Path(arg).is_file():
+        try:
+            with np.load(arg, allow_pickle=False) as z:
+                return {"train_images", "test_images"} <= set(z.files)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{arg} cannot be read as a NumPy .npz file ({e})") from e
+    if kind == "latents" and arg and (Path(arg) / MANIFEST).is_file():
+        return splits_apart(LatentCache(arg).image_spec)
+    return False
 
 
 def _split_folder(root: Path, split: str) -> Path:

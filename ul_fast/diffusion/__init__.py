@@ -4,7 +4,9 @@ from ul_fast.diffusion.math import (
     PREDICTIONS,
     alpha_sigma,
     antithetic_times,
+    antithetic_times_from,
     clamped_logistic,
+    clamped_logistic_from,
     coefficients,
     eps_from_v,
     per_example,
@@ -26,6 +28,7 @@ from ul_fast.diffusion.schedules import (
 
 __all__ = [
     "PREDICTIONS", "SCHEDULE_KINDS", "CosineSchedule", "InterpolatedCosineSchedule", "LinearSchedule", "LogSNRSchedule",
-    "alpha_sigma", "antithetic_times", "clamped_logistic", "coefficients", "eps_from_v", "make_schedule", "per_example",
-    "prior_kl", "resolution_shift", "sigmoid_crossover", "v_target", "x_from_eps", "x_from_v",
+    "alpha_sigma", "antithetic_times", "antithetic_times_from", "clamped_logistic", "clamped_logistic_from",
+    "coefficients", "eps_from_v", "make_schedule", "per_example", "prior_kl", "resolution_shift", "sigmoid_crossover",
+    "v_target", "x_from_eps", "x_from_v",
 ]

@@ -7,6 +7,8 @@ The weighted ELBO integrand itself is the op :func:`ul_fast.ops.diffusion_loss`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PREDICTIONS = ("v", "eps")
@@ -59,26 +61,40 @@ def prior_kl(x: torch.Tensor, logsnr: float) -> torch.Tensor:
 
     ``½·Σ(α²·x² + σ² − log σ² − 1)`` summed over all but the batch dimension; fp32 ``[B]``. At a diffusion
     model's ``λ(1)`` it is its ELBO's t = 1 term; at ``λ_z(0)`` it is the rate of a normal (VAE) prior.
+    The constants are computed in float64 on the host from the Python ``logsnr`` (no tensor is read back, so
+    the function traces into one graph under ``torch.compile``).
     """
-    lam = torch.tensor(float(logsnr), dtype=torch.float64)
-    alpha_sq, sigma_sq = torch.sigmoid(lam), torch.sigmoid(-lam)
-    constant = float(sigma_sq - torch.log(sigma_sq) - 1.0)
+    lam = float(logsnr)
+    alpha_sq, sigma_sq = _sigmoid(lam), _sigmoid(-lam)
+    constant = sigma_sq - math.log(sigma_sq) - 1.0
     x = x.float().reshape(x.shape[0], -1)
-    return 0.5 * (float(alpha_sq) * x.square() + constant).sum(dim=1)
+    return 0.5 * (alpha_sq * x.square() + constant).sum(dim=1)
+
+
+def _sigmoid(value: float) -> float:
+    """``1 / (1 + e^−v)`` in float64 without overflow for large ``|v|``."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    e = math.exp(value)
+    return e / (1.0 + e)
 
 
 def antithetic_times(batch: int, device: torch.device | str, generator: torch.Generator | None = None,
                      ) -> torch.Tensor:
     """Low-discrepancy times ``t_i = (u + i/B) mod 1`` with one ``u ~ U(0, 1)``; fp32 ``[B]``."""
-    u = torch.rand((), device=device, generator=generator)
-    return torch.remainder(u + torch.arange(batch, device=device, dtype=torch.float32) / batch, 1.0)
+    return antithetic_times_from(torch.rand((), device=device, generator=generator), batch)
+
+
+def antithetic_times_from(u: torch.Tensor, batch: int) -> torch.Tensor:
+    """:func:`antithetic_times` of a given offset ``u`` (fp32 ``[]`` in [0, 1)): ``t_i = (u + i/B) mod 1``."""
+    return torch.remainder(u + torch.arange(batch, device=u.device, dtype=torch.float32) / batch, 1.0)
 
 
 def sigmoid_crossover(loss_factor: float, bias: float) -> float:
     """The log-SNR ``λ* = b + log(c_lf − 1)`` where ``c_lf·sigmoid(b − λ) = 1`` (needs ``c_lf > 1``)."""
     if loss_factor <= 1:
         raise ValueError(f"the crossover exists only for loss_factor > 1, got {loss_factor}")
-    return bias + float(torch.log(torch.tensor(loss_factor - 1.0)))
+    return bias + math.log(loss_factor - 1.0)
 
 
 def clamped_logistic(batch: int, loc: float, upper: float, device: torch.device | str,
@@ -90,5 +106,11 @@ def clamped_logistic(batch: int, loc: float, upper: float, device: torch.device 
     a random ``λ_max`` drawn this way is, in expectation, the ``sigmoid(loc − λ)``-weighted loss on
     ``λ ≤ upper`` (Kingma & Gao 2023).
     """
-    u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64).clamp_min(1e-12)
+    u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+    return clamped_logistic_from(u, loc, upper)
+
+
+def clamped_logistic_from(u: torch.Tensor, loc: float, upper: float) -> torch.Tensor:
+    """:func:`clamped_logistic` of given uniforms ``u`` (float64 ``[B]`` in [0, 1)); fp32 ``[B]``."""
+    u = u.clamp_min(1e-12)
     return (loc + torch.log(u) - torch.log1p(-u)).clamp_max(upper).float()

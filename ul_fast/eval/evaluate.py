@@ -38,7 +38,7 @@ from ul_fast.data import Conditioning, ImageArrayDataset
 from ul_fast.data.conditioning import slice_inputs
 from ul_fast.eval.adherence import Prompt, negatives, pair_adherence
 from ul_fast.eval.feature_net import load_fmnist_classifier
-from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
+from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance, kid_subset_sizes
 from ul_fast.eval.images import psnr
 from ul_fast.eval.inception import WEIGHTS_FILE_NAME as INCEPTION_WEIGHTS
 from ul_fast.eval.inception import check_fid_inception_file, load_fid_inception
@@ -61,6 +61,10 @@ SINGLE_STAGE_NOTE = ("single-stage run: there is no separate prior, so bits/pixe
 NO_ADHERENCE_NOTE = ("the prompts name no Fashion-MNIST pair (left and right classes): adherence is left out; gFD, "
                      "gKID are those of the prompted samples")
 COLOUR_ADHERENCE_NOTE = "adherence reads grayscale Fashion-MNIST pairs; this run's images have 3 channels: left out"
+NOT_HELD_OUT_NOTE = ("{data} serves the same images as its training and test splits, so none of these numbers is "
+                     "held-out: rFD, rKID, PSNR and bits/pixel are measured on training images, and gFD, gKID compare "
+                     "samples with those same images; for held-out numbers give the data train/ and test/ folders (or "
+                     "train_images and test_images in the .npz)")
 GRAYSCALE_INCEPTION_NOTE = ("grayscale images are repeated to RGB for the Inception features, as pytorch-fid's "
                             "PIL convert('RGB') does; the Fashion-MNIST network (--features fmnist) was trained on "
                             "this kind of data and separates its classes better")
@@ -103,13 +107,15 @@ def in_batches(function: Callable[[int, int], torch.Tensor], total: int, batch_s
     return torch.cat(parts)
 
 
-def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_subset_size: int,
-                seed: int) -> dict[str, float]:
-    """``{"fd", "kid", "kid_se"}`` of two feature sets ``[N, D]``, KID rows drawn from a CPU generator."""
+def _fd_and_kid(reference: torch.Tensor, features: torch.Tensor, kid_subsets: int, kid_max_subset_size: int,
+                seed: int) -> dict[str, Any]:
+    """``{"fd", "kid", "kid_se", "kid_subsets"}`` of two feature sets ``[N, D]``, KID's subsets shuffled by a
+    CPU generator; ``kid_subsets`` = ``[count, rows of each reference subset, rows of each other subset]``."""
     fd = frechet_distance(*feature_statistics(reference), *feature_statistics(features))
-    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_subset_size,
+    kid, kid_se = kernel_inception_distance(reference, features, kid_subsets, kid_max_subset_size,
                                             torch.Generator().manual_seed(seed))
-    return {"fd": fd, "kid": kid, "kid_se": kid_se}
+    subsets = kid_subset_sizes(len(reference), len(features), kid_subsets, kid_max_subset_size)
+    return {"fd": fd, "kid": kid, "kid_se": kid_se, "kid_subsets": list(subsets)}
 
 
 def _software_versions() -> dict[str, str]:
@@ -122,43 +128,53 @@ def _software_versions() -> dict[str, str]:
 
 @torch.no_grad()
 def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_data: ImageArrayDataset, *,
-                   samples: int = 1000, sampler: str = "ddim", latent_steps: int = 32, decoder_steps: int = 32,
+                   samples: int = 1000, sampler: str = "ddim", decoder_sampler: str | None = None,
+                   latent_steps: int = 32, decoder_steps: int = 32,
                    spacing: str = "time", cuda_graph: bool = False,
                    guidance: float = 1.0, guidance_interval: tuple[float, float] = (-math.inf, math.inf),
                    seed: int = 0, base_trained: bool = True, features: str = "fmnist", batch_size: int = 250,
-                   kid_subsets: int = 100, kid_subset_size: int | None = None, progress: bool = True,
-                   prompts: list[Prompt] | None = None, negative_prompt: str | None = None,
+                   kid_subsets: int = 10, kid_max_subset_size: int = 1000, held_out: bool = True,
+                   progress: bool = True, prompts: list[Prompt] | None = None, negative_prompt: str | None = None,
                    ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode, on its device) on ``samples`` held-out images; see the module docstring.
 
     train_data / test_data: the run's data at the model's image size. base_trained: whether the base model
     has trained (False for a two-stage run whose stage 2 never ran: then no gFD, gKID or base-model bits/pixel,
-    and ``notes`` says so). Images are reconstructed, sampled and embedded ``batch_size`` at a time; the
-    numbers are a function of ``seed``, ``batch_size`` and the device.
+    and ``notes`` says so). held_out: whether ``test_data`` is held out from ``train_data``
+    (:func:`~ul_fast.data.splits_apart` of the run's data spec); False records ``held_out: false`` and a note
+    saying that every number is measured on training images. Images are reconstructed, sampled and embedded
+    ``batch_size`` at a time; the numbers are a function of ``seed``, ``batch_size`` and the device.
 
-    Returns a JSON-ready dict: ``samples``, ``sampler``, ``latent_steps``, ``decoder_steps``, ``spacing``,
+    sampler: the base model's sampler; decoder_sampler: the decoder's (None: ``sampler``), for reconstructions and
+    samples.
+
+    Returns a JSON-ready dict: ``samples``, ``sampler``, ``decoder_sampler``, ``latent_steps``, ``decoder_steps``,
+    ``spacing``,
     ``guidance``,
     ``seed``, ``features``, ``feature_dim``, ``reference_images`` (training images behind gFD), ``rfd``,
     ``rkid``, ``rkid_se``, ``psnr`` (dB), ``gfd``, ``gkid``, ``gkid_se``, ``bits_per_pixel_prior``,
-    ``bits_per_pixel_base``, ``base_model_trained``, ``notes`` (list of strings), ``versions``,
-    ``elapsed_s``, ``kid_subsets``, ``kid_subset_size``, ``prompts`` (how many; None without) and ``adherence``
-    (:func:`~ul_fast.eval.adherence.pair_adherence`). A measure that does not apply is None. FD and KID are
-    in squared feature units. ``kid_subset_size`` defaults to ``min(1000, samples // 2)``: subsets as large as
-    the set itself would all be the whole set, and KID's standard error would say nothing.
+    ``bits_per_pixel_base``, ``base_model_trained``, ``held_out``, ``notes`` (list of strings), ``versions``,
+    ``elapsed_s``, ``rkid_subsets``, ``gkid_subsets``, ``prompts`` (how many; None without), ``negative_prompt``
+    and ``adherence`` (:func:`~ul_fast.eval.adherence.pair_adherence`). A measure that does not apply is None. FD
+    and KID are in squared feature units. KID is the mean over ``kid_subsets`` disjoint subsets of each set (of at
+    most ``kid_max_subset_size`` rows: :func:`~ul_fast.eval.frechet.kid_subset_sizes`), ``rkid_se`` / ``gkid_se``
+    its standard error over independent draws
+    (:func:`~ul_fast.eval.frechet.kernel_inception_distance`); ``rkid_subsets`` / ``gkid_subsets`` record
+    ``[subsets, rows of each subset of the reference set, rows of each subset of the other]``.
 
     prompts: a text model's samples take prompt ``i % len(prompts)`` (guided away from the prompt's own negative, or
     ``negative_prompt``, or the null caption); with classes named, their adherence is measured.
     """
     start_time = time.perf_counter()
     config = model.config
+    decoder_sampler = decoder_sampler or sampler
     feature_notes = check_features(features, config.image_channels)
-    if samples < 2:
-        raise ValueError(f"--samples must be at least 2 (Fréchet distance needs a covariance), got {samples}")
+    if samples < 4:
+        raise ValueError(f"--samples must be at least 4 (KID's standard error needs 2 disjoint subsets of 2 images), "
+                         f"got {samples}")
     if samples > len(test_data):
         raise ValueError(f"--samples {samples} is more than the {len(test_data)} held-out images of "
                          f"{test_data.source or 'the test split'}; use --samples {len(test_data)} or fewer")
-    if kid_subset_size is None:
-        kid_subset_size = min(1000, samples // 2)
     if (prompts is not None or negative_prompt is not None) and not config.context_dim:
         raise ValueError("--prompts and --negative-prompt need a text-conditioned run (model.context_dim is null)")
     if prompts is not None and not prompts:
@@ -174,6 +190,8 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         return torch.Generator(device).manual_seed(seed + offset)
 
     notes = ([] if base_trained else [NO_BASE_MODEL_NOTE]) + feature_notes
+    if not held_out:
+        notes.insert(0, NOT_HELD_OUT_NOTE.format(data=test_data.source or "the data"))
     if model.single_stage:
         notes.append(SINGLE_STAGE_NOTE)
     originals = test_data.images[:samples]
@@ -182,12 +200,12 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
     # 1. Reconstructions: rFD, rKID, PSNR.
     recon_generator = generator(0)
     reconstructions = in_batches(
-        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, sampler, recon_generator,
+        lambda a, b: model.reconstruct(originals[a:b].to(device), decoder_steps, decoder_sampler, recon_generator,
                                      spacing=spacing, cuda_graph=cuda_graph).float()
         .cpu(), samples, batch_size, "reconstructing", progress)
     original_features = embed(originals, "features (held-out)")
     reconstruction = _fd_and_kid(original_features, embed(reconstructions, "features (reconstructions)"),
-                                 kid_subsets, kid_subset_size, seed)
+                                 kid_subsets, kid_max_subset_size, seed)
     mean_psnr = float(psnr(reconstructions, originals).mean())
 
     # 2. Held-out bits/pixel of the same images' latents, under the prior and under the base model.
@@ -211,11 +229,13 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         return float(in_batches(nats, samples, batch_size, f"bits/pixel ({network})", progress).mean()) / (
             math.log(2) * pixels)
 
-    bpp_prior = None if model.single_stage else bits_per_pixel("prior", 1)
+    # No prior: a single-stage model, or an encoder-decoder export (a normal prior needs no network).
+    has_prior = not model.single_stage and (model.prior is not None or model.normal_prior)
+    bpp_prior = bits_per_pixel("prior", 1) if has_prior else None
     bpp_base = bits_per_pixel("base", 2) if base_trained else None
 
     # 3. Samples of the base model against the training set: gFD, gKID.
-    generation = {"fd": None, "kid": None, "kid_se": None}
+    generation = {"fd": None, "kid": None, "kid_se": None, "kid_subsets": None}
     adherence = None
     if base_trained:
         per_sample = None if prompts is None else [prompts[i % len(prompts)] for i in range(samples)]
@@ -230,11 +250,12 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
         def generate(a: int, b: int) -> torch.Tensor:
             return model.sample(b - a, latent_steps, decoder_steps, sampler, sample_generator, spacing=spacing,
                                 cuda_graph=cuda_graph, guidance=guidance, guidance_interval=tuple(guidance_interval),
-                                **slice_inputs(inputs, a, b)).float().cpu()
+                                decoder_sampler=decoder_sampler, **slice_inputs(inputs, a, b)).float().cpu()
 
         generated = in_batches(generate, samples, batch_size, "sampling", progress)
         generation = _fd_and_kid(embed(train_data.images, "features (training set)"),
-                                 embed(generated, "features (samples)"), kid_subsets, kid_subset_size, seed + 1)
+                                 embed(generated, "features (samples)"), kid_subsets, kid_max_subset_size,
+                                 seed + 1)
         if per_sample is not None and config.image_channels != 1:
             notes.append(COLOUR_ADHERENCE_NOTE)
         elif per_sample is not None:
@@ -243,18 +264,19 @@ def evaluate_model(model: UnifiedLatents, train_data: ImageArrayDataset, test_da
                 notes.append(NO_ADHERENCE_NOTE)
 
     return {
-        "samples": samples, "sampler": sampler, "latent_steps": latent_steps, "decoder_steps": decoder_steps,
+        "samples": samples, "sampler": sampler, "decoder_sampler": decoder_sampler, "latent_steps": latent_steps,
+        "decoder_steps": decoder_steps,
         "spacing": spacing,
         "guidance": guidance, "seed": seed, "features": features, "feature_dim": int(original_features.shape[1]),
         "reference_images": len(train_data),
-        "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
+        "rkid_subsets": reconstruction["kid_subsets"], "gkid_subsets": generation["kid_subsets"],
         "rfd": reconstruction["fd"], "rkid": reconstruction["kid"], "rkid_se": reconstruction["kid_se"],
         "psnr": mean_psnr,
         "gfd": generation["fd"], "gkid": generation["kid"], "gkid_se": generation["kid_se"],
         "bits_per_pixel_prior": bpp_prior, "bits_per_pixel_base": bpp_base,
         "prompts": None if prompts is None else len(prompts), "negative_prompt": negative_prompt,
         "adherence": adherence,
-        "base_model_trained": base_trained, "notes": notes, "versions": _software_versions(),
+        "base_model_trained": base_trained, "held_out": held_out, "notes": notes, "versions": _software_versions(),
         "elapsed_s": time.perf_counter() - start_time,
     }
 
@@ -285,10 +307,14 @@ def format_table(result: dict[str, Any]) -> str:
                                                  f"{100 * adherence['chance']:.0f} %; reversed "
                                                  f"{100 * adherence[group]['reversed']['share']:.1f} %)"))
     width = max(len(name) for name, _ in rows)
-    header = (f"{result['samples']} images, {result['features']} features, {result['sampler']} sampler "
+    samplers = (result["sampler"] if result.get("decoder_sampler", result["sampler"]) == result["sampler"] else
+                f"{result['sampler']} (latent) and {result['decoder_sampler']} (decoder)")
+    header = (f"{result['samples']} images, {result['features']} features, {samplers} sampler "
               f"({result['latent_steps']} latent + {result['decoder_steps']} decoder steps, "
               f"{result['spacing']} spacing), guidance {result['guidance']}, seed {result['seed']}, "
               f"{result['elapsed_s']:.1f} s")
+    if not result.get("held_out", True):
+        header += "\nNOT HELD-OUT: the test split is the training data (see the note): every number is on training data"
     return "\n".join([header, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 

@@ -41,8 +41,10 @@ def _mulhilo(multiplier: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.
     return hi & _MASK32, lo
 
 
-def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 on int64 tensors holding uint32 words; returns four uint32 words."""
+def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int | torch.Tensor, int | torch.Tensor],
+               ) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on int64 tensors holding uint32 words; returns four uint32 words. The key words are ints,
+    or int64 tensors that broadcast against the counter (a seed kept on the device)."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
     for round_index in range(PHILOX_ROUNDS):
@@ -60,10 +62,17 @@ def uint32_to_unit_float(word: torch.Tensor) -> torch.Tensor:
     return ((word >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 
-def philox_normal(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``numel`` standard normals (fp32, flat) for a 64-bit ``seed``, in the layout above."""
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative 64-bit integer, got {seed}")
+def philox_normal(numel: int, seed: int | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``numel`` standard normals (fp32, flat) for a 64-bit ``seed``, in the layout above.
+
+    seed: an int in [0, 2^64), or an int64 tensor of one element whose two's-complement bit pattern is the
+    seed (read on its device, never by the host: the noise then traces into a compiled graph and replays in a
+    CUDA graph).
+    """
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    elif not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be a 64-bit integer in [0, 2^64), got {seed}")
     groups = (numel + 3) // 4
     g = torch.arange(groups, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(g)

@@ -27,8 +27,7 @@ def gaussian_noise(shape: torch.Size | tuple[int, ...], seed: torch.Tensor) -> t
     numel = 1
     for size in shape:
         numel *= int(size)
-    bits = int(seed.reshape(-1)[0].item()) & (2**64 - 1)
-    return philox_normal(numel, bits, seed.device).reshape(shape)
+    return philox_normal(numel, seed, seed.device).reshape(shape)
 
 
 def noise_inject(

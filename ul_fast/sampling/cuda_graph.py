@@ -1,10 +1,13 @@
-"""CUDA-graph replay of a network call, for sampling chains.
+"""CUDA-graph replay of a network call or of a whole sampling chain.
 
 A sampling chain calls the same network 32 times or more on tensors of one shape; with small models each call is
 dozens of kernel launches whose CPU-side cost exceeds the GPU work. :class:`GraphedCall` captures one call per
 input signature (shapes, dtypes, which optional arguments are None) into a ``torch.cuda.CUDAGraph`` and replays
 it: the inputs are copied into the graph's static buffers, the graph runs, and a copy of its output is returned
-(a sampler may keep it across steps, e.g. DPM-Solver++'s previous prediction).
+(a sampler may keep it across steps, e.g. DPM-Solver++'s previous prediction). The callable may be one network
+(:func:`graphed_module`) or a whole deterministic chain from its starting noise to the images
+(:meth:`UnifiedLatents.sample <ul_fast.model.UnifiedLatents.sample>`): the samplers fill each step's log-SNR on
+the device from the host's grid, so nothing in a chain waits for the host.
 
 This is safe for ul_fast's networks because nothing in them reads the host during a call: the kernels take their
 seeds from device tensors, dispatch depends only on shapes and dtypes, and eval mode has no dropout. The callable
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GraphedCall", "graphed_module"]
+__all__ = ["GraphedCall", "graphed_module", "release_generator_from_failed_capture"]
 
 
 @dataclass
@@ -43,10 +46,15 @@ class GraphedCall:
 
     fn: a function of tensors (or None) returning one tensor, with no host-side dependence on the values of
     its arguments. Non-CUDA calls, and every call after a failed capture, run ``fn`` eagerly.
+    module: the module whose weights ``fn`` reads (default: ``fn`` itself when it is a module), held weakly: its
+    graphs are recaptured when its weights move.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], warmup_calls: int = 2):
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup_calls: int = 2, module: torch.nn.Module | None = None):
         self.fn = fn
+        if module is None and isinstance(fn, torch.nn.Module):
+            module = fn
+        self._module = None if module is None else weakref.ref(module)
         self.warmup_calls = warmup_calls
         self.graphs: dict[tuple, _Captured] = {}
         self.failure: str | None = None  # why capture failed, once it has
@@ -56,10 +64,11 @@ class GraphedCall:
     def _check_module_state(self) -> None:
         """A graph reads a module's weights at the addresses they had at capture: if any parameter or buffer
         moved (``.to()``, a replaced tensor) or the mode changed, drop the graphs (they are recaptured)."""
-        if not isinstance(self.fn, torch.nn.Module):
+        module = None if self._module is None else self._module()
+        if module is None:
             return
-        state = (self.fn.training, *(t.data_ptr() for t in self.fn.parameters()),
-                 *(t.data_ptr() for t in self.fn.buffers()))
+        state = (module.training, *(t.data_ptr() for t in module.parameters()),
+                 *(t.data_ptr() for t in module.buffers()))
         if state != self._module_state:
             # a fresh memory pool too: dropping the graphs frees theirs, and capturing into a freed pool trips an
             # internal assert of PyTorch's caching allocator (seen on torch 2.11, H200)
@@ -114,7 +123,7 @@ class GraphedCall:
                     output = self.fn(*inputs)
         except Exception as error:  # capture is an optimisation: fall back, say why once
             torch.cuda.synchronize(device)
-            _release_generator_from_failed_capture(device)
+            release_generator_from_failed_capture(device)
             return self._give_up(f"{type(error).__name__}: {error}".splitlines()[0][:300])
         if not isinstance(output, torch.Tensor):
             return self._give_up(f"the captured function returned {type(output).__name__}, not a tensor")
@@ -127,7 +136,7 @@ class GraphedCall:
                       stacklevel=4)
 
 
-def _release_generator_from_failed_capture(device: torch.device) -> None:
+def release_generator_from_failed_capture(device: torch.device) -> None:
     """Give ``device``'s default CUDA generator a fresh state (not in capture mode) with its seed and offset.
 
     Random ops inside a capture advance only the capture's own offset, so the generator's offset is what it was

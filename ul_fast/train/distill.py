@@ -16,16 +16,22 @@ teacher's two steps and the student's one end at the same ``λ_max`` (the last p
 ``λ_max`` the prediction moves the state by O(σ_max) (``x̂ = α·x_t − σ·v̂`` or ``(x_t − σ·ε̂)/α``): with the
 default ``λ_max = 15``, ``σ_max ≈ 5.5e-4``, a 14th of one 8-bit grey level (2/255) per unit of ``v̂``.
 
+The student is right under DDIM only (its target is what one DDIM step must predict), on its grid: the output
+records ``sample.decoder_sampler: ddim`` and :func:`distilled_decoder` tells ``ul-fast sample`` and ``eval`` to
+refuse another sampler for it.
+
 The output is a run folder like any other: ``config.yaml`` (the teacher's, with ``sample.decoder_steps`` set
-to the final step count) and checkpoints in the trainer's format holding the teacher's weights with the
-student's decoder; plus ``distill.json`` (the settings, rounds and final losses) and ``metrics.jsonl`` (the
-loss per logged step). A killed distillation resumes from its newest checkpoint (round, step, optimiser, EMA,
-random state): the result equals an uninterrupted run's.
+to the final step count and ``sample.decoder_sampler`` to ``ddim``) and checkpoints in the trainer's format
+holding the teacher's weights with the student's decoder; plus ``distill.json`` (the settings, the decoder's
+sampler, rounds and final losses) and ``metrics.jsonl`` (the loss per logged step). A killed distillation
+resumes from its newest checkpoint (round, step, optimiser, EMA, random state): the result equals an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ul_fast import ops
-from ul_fast.config import load_config, save_config
+from ul_fast.config import save_config
 from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images
 from ul_fast.diffusion import coefficients
 from ul_fast.files import write_json_atomically
@@ -45,16 +51,19 @@ from ul_fast.model import UnifiedLatents
 from ul_fast.sampling import logsnr_grid
 from ul_fast.train.checkpoint import (
     CheckpointError,
+    load_run_config,
     load_state,
     newest_readable_checkpoint,
     read_weights,
     save_checkpoint,
 )
-from ul_fast.train.ema import ema_decay_at, make_ema_model, update_ema
+from ul_fast.train.ema import EmaUpdater, ema_decay_at, make_ema_model
 from ul_fast.train.metrics_log import MetricsLog
 from ul_fast.train.run_folder import RunLock, check_new_run, clear_run
 
 DISTILL_FILE = "distill.json"
+DECODER_SAMPLER = "ddim"
+"""The only sampler a distilled decoder is right under: the one its targets were made for."""
 STAGE = "distill"
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -152,11 +161,31 @@ def distillation_loss(model: UnifiedLatents, student: nn.Module, teacher: nn.Mod
     return (weight * (denoised.float() - target.float()).square().flatten(1).mean(1)).mean()
 
 
+# ----------------------------------------------------------------------------- a distilled run, read back
+def distilled_decoder(run_dir: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any] | None:
+    """``{"sampler", "steps", "spacing", "run"}`` of the distilled decoder a run samples with, or None: the run's
+    own ``distill.json``, or that of the run its stage 2 started from (``train.init_from`` with no stage 1 of its
+    own, so the decoder is that run's)."""
+    run_dir = Path(run_dir)
+    record = run_dir / DISTILL_FILE
+    if record.is_file():
+        settings = json.loads(record.read_text())
+        return {"sampler": settings.get("decoder_sampler", DECODER_SAMPLER), "steps": settings["to_steps"],
+                "spacing": settings["spacing"], "run": str(run_dir)}
+    try:
+        train = load_run_config(run_dir).train
+    except (CheckpointError, ValueError):  # no run folder (e.g. an init_from run since removed)
+        return None
+    source = Path(train.init_from).resolve() if train.init_from else None
+    if source is None or train.stage1_steps > 0 or source in seen:
+        return None
+    return distilled_decoder(source, (*seen, run_dir.resolve()))
+
+
 # ----------------------------------------------------------------------------- the run folder
 def _read_teacher(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(training state, raw weights, EMA weights) of the teacher run's newest readable checkpoint."""
-    config = load_config(str(run_dir / "config.yaml"))
-    model = UnifiedLatents(config.model)
+    model = UnifiedLatents(load_run_config(run_dir).model)
     return newest_readable_checkpoint(run_dir, lambda folder: (load_state(folder),
                                                                read_weights(model, folder / "model.safetensors"),
                                                                read_weights(model, folder / "ema.safetensors")))[1]
@@ -179,10 +208,7 @@ class Distiller:
         self.settings, self.out, self.device, self.progress = settings, Path(out), torch.device(device), progress
         self.rounds = round_steps(settings.from_steps, settings.to_steps)
         teacher_dir = Path(settings.teacher)
-        if not (teacher_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{teacher_dir} is not a ul_fast run folder: {teacher_dir / 'config.yaml'} "
-                                  f"does not exist")
-        self.config = load_config(str(teacher_dir / "config.yaml"))
+        self.config = load_run_config(teacher_dir)
         if self.config.model.decoder_loss == "mse":
             raise ValueError(f"{teacher_dir} has a deterministic decoder (model.decoder_loss: mse): it decodes in "
                              f"one pass already; there are no sampling steps to distil")
@@ -214,6 +240,7 @@ class Distiller:
 
     def _state(self) -> dict[str, Any]:
         return {"stage": self.teacher_state["stage"], "stage_step": self.teacher_state["stage_step"],
+                "config": self._run_config().to_dict(),
                 STAGE: {"settings": asdict(self.settings), "round": self.round, "round_step": self.round_step,
                         "losses": self.losses, "teacher": self.teacher.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
@@ -255,8 +282,17 @@ class Distiller:
         """``distill.json``: settings, rounds (teacher → student steps, final losses), status."""
         rounds = [{"round": r, "teacher_steps": 2 * n, "student_steps": n, "final_loss": self.losses[r]}
                   for r, n in enumerate(self.rounds)]
-        write_json_atomically(self.out / DISTILL_FILE, {"status": status, **asdict(self.settings), "rounds": rounds,
+        write_json_atomically(self.out / DISTILL_FILE, {"status": status, **asdict(self.settings),
+                                                        "decoder_sampler": DECODER_SAMPLER, "rounds": rounds,
                                                         "step": self.global_step}, indent=1)
+
+    def _run_config(self):
+        """The output run's config: the teacher's, sampling the distilled decoder as it was distilled."""
+        config = copy.deepcopy(self.config)
+        config.sample.decoder_steps = self.settings.to_steps
+        config.sample.spacing = self.settings.spacing
+        config.sample.decoder_sampler = DECODER_SAMPLER
+        return config
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> float:
@@ -271,7 +307,7 @@ class Distiller:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.settings.grad_clip)
         self.optimizer.step()
-        update_ema(self.ema, self.student, ema_decay_at(self.round_step, self.settings.ema_decay), ("",))
+        EmaUpdater(self.ema, self.student, ("",))(1.0 - ema_decay_at(self.round_step, self.settings.ema_decay))
         return loss.item()
 
     def run(self, resume: bool = False, overwrite: bool = False) -> Path:
@@ -289,10 +325,7 @@ class Distiller:
                 clear_run(self.out)
                 (self.out / DISTILL_FILE).unlink(missing_ok=True)
                 self._start()
-                config = copy.deepcopy(self.config)
-                config.sample.decoder_steps = s.to_steps
-                config.sample.spacing = s.spacing
-                save_config(config, self.out / "config.yaml")
+                save_config(self._run_config(), self.out / "config.yaml")
                 self._record("running")
             schedule = self.model.pixel_schedule
             while True:

@@ -2,8 +2,9 @@
 data and model is one error naming the key, not a crash in stage 2 after stage 1 has trained.
 
 What the configuration alone decides is checked by :func:`ul_fast.config.validate` when it is loaded; this
-module checks what it cannot know: the data's image size, channels, labels and size, and the device (and,
-as the config module cannot import the data's spec kinds, that augmentation is asked only of streamed data).
+module checks what it cannot know: the data's image size, channels, labels and size, the device, the run that
+``train.init_from`` names (and, as the config module cannot import the data's spec kinds, that augmentation is
+asked only of streamed data).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any
 import torch
 
 from ul_fast.config import MINILM, TWO_STAGE, Config, ConfigError
-from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind
+from ul_fast.data import FASHION_MNIST_CLASSES, ImageArrayDataset, LatentCache, is_streaming, spec_kind, splits_apart
 from ul_fast.data.caption_data import mentions_left_or_right
 from ul_fast.model import UnifiedLatents
 from ul_fast.text import bundled_model_dir, check_text_encoder
+from ul_fast.train.checkpoint import load_run_config
 
-__all__ = ["LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_run_inputs", "check_text_model",
-           "parameter_count"]
+__all__ = ["INIT_FROM_KEYS", "LARGE_MODEL_PARAMETERS", "SMALL_DATA_IMAGES", "check_device", "check_init_from",
+           "check_run_inputs", "check_text_model", "parameter_count"]
 
 LARGE_MODEL_PARAMETERS = 100_000_000
 """Networks above this many parameters (all four together) are "paper-size" for the warning below: the
@@ -137,6 +139,27 @@ def _check_augmentation(config: Config) -> None:
                           f"center and data.flip: false, or a streaming spec (folder-stream:DIR, shards:DIR)")
 
 
+INIT_FROM_KEYS = ("image_size", "image_channels", "latent_channels", "latent_logsnr_0", "prediction", "mode",
+                  "latent_prior", "decoder_loss")
+"""``model.*`` keys a run must share with its ``train.init_from`` run: what the loaded networks were trained on and
+for. Several leave every weight's shape as it is (a ResNet encoder reads images of any size), so the weights
+would load and silently mean something else."""
+
+
+def check_init_from(config: Config) -> None:
+    """Raise :class:`ConfigError` when ``train.init_from`` names a run trained with other :data:`INIT_FROM_KEYS`."""
+    run = config.train.init_from
+    if not run:
+        return
+    source = load_run_config(run).model
+    for key in INIT_FROM_KEYS:
+        theirs, ours = getattr(source, key), getattr(config.model, key)
+        if theirs != ours:
+            raise ConfigError(f"train.init_from {run} was trained with model.{key} {theirs!r}, but this config has "
+                              f"{ours!r}: its networks would be used for what they were not trained on; set "
+                              f"model.{key}: {theirs!r}, or train stage 1 anew")
+
+
 def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_data: ImageArrayDataset) -> None:
     """Check the loaded data fits ``config`` and the device exists; raise :class:`ConfigError` naming the key.
 
@@ -144,10 +167,12 @@ def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_d
     to ``model.image_size`` as they are read, so only its labels are checked).
 
     Also warns (``UserWarning``, one line) when a small data set is about to train paper-size networks,
-    usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``)."""
+    usually a user YAML that sets a few keys and inherits the ImageNet-512 defaults (see ``extends``), and when
+    the data has no test split of its own (its "held-out" evaluations are then on training images)."""
     check_device(config.train.device)
     _check_augmentation(config)
     check_text_model(config)
+    check_init_from(config)
     for split, data in (("train", train_data), ("test", test_data)):
         if isinstance(data, ImageArrayDataset):
             _check_images(config, data, split)
@@ -161,4 +186,9 @@ def check_run_inputs(config: Config, train_data: ImageArrayDataset | Any, test_d
         warnings.warn(f"{count / 1e6:.0f} M parameters for {len(train_data)} training images of "
                       f"{config.model.image_size}x{config.model.image_size}: these are paper-size networks "
                       f"(the defaults); start the YAML with 'extends: tiny' (or fmnist) for small ones",
+                      UserWarning, stacklevel=2)
+    if not splits_apart(config.data.dataset):
+        warnings.warn(f"data.dataset {config.data.dataset!r} serves the same images as its training and test splits: "
+                      f"the held-out bits/pixel and PSNR of the evaluations are measured on training images (give "
+                      f"the data train/ and test/ folders, or train_images and test_images in the .npz)",
                       UserWarning, stacklevel=2)

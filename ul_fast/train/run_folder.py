@@ -32,7 +32,9 @@ def existing_run(run_dir: str | Path) -> list[str]:
 
 
 def check_new_run(run_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse to start a new run in a folder that holds one, unless ``overwrite``."""
+    """Refuse to start a new run in a folder that holds one, unless ``overwrite``, or at a path that is a file."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RunFolderError(f"{run_dir} is a file, not a folder: give --out a new or empty folder for the run")
     found = existing_run(run_dir)
     if found and not overwrite:
         raise RunFolderError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with --resume "
@@ -50,12 +52,14 @@ def clear_run(run_dir: str | Path) -> None:
 
 
 class RunLock:
-    """Exclusive, non-blocking lock on ``RUN/.lock`` for as long as the context is open.
+    """Exclusive, non-blocking lock on ``FOLDER/.lock`` for as long as the context is open: a run folder while it
+    trains, a latent cache while it is encoded (``what`` names the job in the message).
 
     Raises RunFolderError naming the holder (pid and host) when another process holds it."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, what: str = "training"):
         self.path = Path(run_dir) / LOCK_FILE
+        self.what = what
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -70,7 +74,7 @@ class RunLock:
                 who = "pid {pid} on {host}".format(**json.loads(holder))
             except (ValueError, KeyError, TypeError):
                 who = "another process"
-            raise RunFolderError(f"{self.path.parent} is in use by another training ({who}); wait for it to end "
+            raise RunFolderError(f"{self.path.parent} is in use by another {self.what} ({who}); wait for it to end "
                                  "or stop it first") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())

@@ -17,15 +17,17 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ul_fast.config import Config, config_from_dict, save_config
+from ul_fast.config import Config, ConfigError, config_from_dict, save_config
 from ul_fast.data import (
     BatchStream,
+    CaptionBatch,
     Conditioning,
     ImageArrayDataset,
     ImageTransform,
@@ -35,19 +37,22 @@ from ul_fast.data import (
     load_images,
     spec_kind,
 )
+from ul_fast.data.conditioning import NULL_KEYS
 from ul_fast.data.latent_cache import check_cache_for_model
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
 from ul_fast.train.checkpoint import (
     CheckpointError,
+    NonFiniteWeightsError,
     clean_staging,
     load_state,
     newest_readable_checkpoint,
     read_weights,
     save_checkpoint,
 )
-from ul_fast.train.ema import copy_weights, ema_decay_at, make_ema_model, update_ema
+from ul_fast.train.ema import EmaUpdater, copy_weights, ema_decay_at, make_ema_model
+from ul_fast.train.flops import FlopsMeter
 from ul_fast.train.metrics_log import MetricsLog
 from ul_fast.train.parallel import (
     full,
@@ -60,6 +65,7 @@ from ul_fast.train.parallel import (
 from ul_fast.train.preflight import check_device, check_latent_training, check_run_inputs
 from ul_fast.train.resume_policy import check_resume_changes, config_changes
 from ul_fast.train.run_folder import RunFolderError, RunLock, check_new_run, clear_run
+from ul_fast.train.step import MicroBatch, TrainStep
 
 # Keys whose change on resume alters the learning rate or weight decay of the restored optimiser.
 OPTIMIZER_KEYS = ("train.lr", "train.base_lr", "train.warmup_steps", "train.weight_decay", "train.stage1_steps",
@@ -74,7 +80,7 @@ REPEAT_GRACE_S = 1.0
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses."""
+    """Too many consecutive non-finite losses, or a whole stage of them."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -118,6 +124,11 @@ class Trainer:
         t = config.train
         check_device(t.device)  # before anything is moved there
         self.device = resolve_device(t.device)
+        if t.cuda_graph and world_size > 1:
+            raise ConfigError("train.cuda_graph captures the step of one process: set it false under torchrun")
+        if t.cuda_graph and self.device.type != "cuda":
+            warnings.warn(f"train.cuda_graph needs a CUDA device: on {self.device.type} the step runs eagerly",
+                          UserWarning, stacklevel=2)
         self.autocast_dtype = torch.bfloat16 if (t.precision == "bf16" or (
             t.precision == "auto" and self.device.type == "cuda")) else None
         torch.manual_seed(t.seed)
@@ -139,10 +150,8 @@ class Trainer:
         if self.sharded:
             shard_networks(self.model, world_size, self.device.type)
             shard_networks(self.ema_model, world_size, self.device.type)
-        if t.compile:
-            for network in (getattr(self.model, name) for name in self.model.NETWORKS):
-                if network is not None:
-                    network.compile()
+        if t.compile:  # the whole loss, networks and ops, as one graph per stage (after the EMA copy is made)
+            self.model.compile(fullgraph=True)
         check_run_inputs(config, self.train_data, self.test_data)
         self.stream = self._batch_stream()
         # Per-rank generators, saved with the checkpoint: times, noise seeds and label dropout here, the
@@ -150,9 +159,15 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + rank)
         self.conditioning = Conditioning(config.model, self.device, self.train_data, self.run_dir / "text-cache",
                                          seed=t.seed * 1000 + rank + 500)
-        self.stage, self.stage_step, self.bad_steps = 1, 0, 0
+        self.stage, self.stage_step = 1, 0
         self._bad_images_logged = 0
+        # Skipped (non-finite) steps before the open metric window, and steps applied in this stage before it:
+        # the open window's own counts live on the device (TrainStep.window) and are read once per record.
         self.skipped_steps = 0
+        self.stage_applied_steps = 0
+        self.window_elapsed_s = 0.0  # wall time of the open window before this process (set on resume)
+        self._window_start = time.perf_counter()
+        self.flops = FlopsMeter(config, self.device, self.from_latents)
         self.frozen_bits_per_pixel: float | None = None
         self.log = MetricsLog(self.run_dir, enabled=self.is_main)
         self._stop_signal: int | None = None
@@ -217,24 +232,49 @@ class Trainer:
         return [p for name, p in self.model.named_parameters() if name.startswith(self.stage_networks)]
 
     def _new_optimizer(self) -> None:
+        """The current stage's optimiser, LR schedule and :class:`TrainStep`.
+
+        Fused AdamW on every device: it skips a step whose ``found_inf`` flag is set on the device, so a
+        non-finite loss needs no read of the device. With ``train.cuda_graph`` its learning rate is a device
+        tensor (the scheduler refills it in place) and it is capturable."""
         t = self.config.train
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.startswith(self.stage_networks))
         lr = t.lr if self.stage == 1 else t.base_lr
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self._stage_parameters(), lr=lr, weight_decay=t.weight_decay,
-                                           betas=(0.9, 0.99), fused=fused)
+        graphed = self.uses_cuda_graph
+        self.optimizer = torch.optim.AdamW(self._stage_parameters(),
+                                           lr=torch.tensor(lr, device=self.device) if graphed else lr,
+                                           weight_decay=t.weight_decay, betas=(0.9, 0.99), fused=True,
+                                           capturable=graphed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, t.warmup_steps, self.stage_steps))
         if self.world_size > 1 and not self.sharded:
             # Wrapped per stage, after requires_grad is set, so DDP syncs exactly the trained networks.
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model.train()
+        self.step = TrainStep(lambda micro: self._loss(micro), self._stage_parameters(), self.optimizer,
+                              EmaUpdater(self.ema_model, self.model, self.stage_networks), t.grad_clip, self.device,
+                              gradient_sync=self._gradient_sync,
+                              reduce_metrics=self._mean_over_ranks if self.world_size > 1 else None,
+                              full_norm=full, cuda_graph=graphed)
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        """``train.cuda_graph`` on a CUDA device (one process: preflight refuses it under torchrun)."""
+        return self.config.train.cuda_graph and self.device.type == "cuda"
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of ``values`` over the ranks (an all-reduce; nothing is read on the host)."""
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        return values / self.world_size
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # a CUDA graph must not keep autocast's cache of cast weights (made, then freed, inside the capture)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.uses_cuda_graph)
 
     # ----------------------------------------------------------------------------- checkpoints
     @property
@@ -259,17 +299,31 @@ class Trainer:
             "optimizer": gather_optimizer(self.model, self.optimizer, self.sharded),
             "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
             "rng": self._rng_states(), "world_size": self.world_size,
-            "skipped_steps": self.skipped_steps, "frozen_bits_per_pixel": self.frozen_bits_per_pixel,
-            "config": self.config.to_dict(),
+            "skipped_steps": self.skipped_steps, "stage_applied_steps": self.stage_applied_steps,
+            "window": {**self.step.window.state_dict(), "elapsed_s": self.window_elapsed_s + self._window_clock()},
+            "frozen_bits_per_pixel": self.frozen_bits_per_pixel, "config": self.config.to_dict(),
         }
 
     def save(self) -> None:
-        """Checkpoint (a collective under DDP/FSDP: every rank calls it, rank 0 writes)."""
+        """Checkpoint (a collective under DDP/FSDP: every rank calls it, rank 0 writes).
+
+        Weights that are no longer finite (an update diverged although its loss and gradient were finite, e.g. a
+        learning rate far too high) are never written: the run stops with :class:`TrainingDiverged`, every rank
+        alike, and the newest checkpoint stays the newest."""
         state = self.training_state()
         weights = gather_weights(self.model, self.sharded)
         ema_weights = gather_weights(self.ema_model, self.sharded)
+        error: NonFiniteWeightsError | None = None
         if self.is_main:
-            save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state, self.config.train.keep_last)
+            try:
+                save_checkpoint(self.run_dir, self.global_step, weights, ema_weights, state,
+                                self.config.train.keep_last)
+            except NonFiniteWeightsError as caught:
+                error = caught
+        if self._any_rank(int(error is not None)):
+            raise TrainingDiverged(f"the weights are no longer finite at step {self.global_step} ({error or 'rank 0'}):"
+                                   " training diverged; nothing was written and the newest checkpoint is untouched; "
+                                   "resume it with a lower train.lr (or base_lr)")
 
     def _read_checkpoint(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(training state, weights, EMA weights) of a checkpoint folder, each validated."""
@@ -308,6 +362,11 @@ class Trainer:
         if rng["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
         self.skipped_steps = state["skipped_steps"]
+        # the open log window: a resumed run logs the record an uninterrupted one does (older checkpoints: none)
+        window = state.get("window", {"names": [], "totals": [], "elapsed_s": 0.0})
+        self.step.window.load_state_dict(window)
+        self.window_elapsed_s = window["elapsed_s"]
+        self.stage_applied_steps = state.get("stage_applied_steps", 0)
         self.frozen_bits_per_pixel = state["frozen_bits_per_pixel"]
         self.log.truncate_after(self.global_step)
         if changes and self.is_main:  # recorded where they take effect: config.yaml and the metrics
@@ -321,8 +380,8 @@ class Trainer:
         lr = t.lr if self.stage == 1 else t.base_lr
         step = self.scheduler.last_epoch
         for group in self.optimizer.param_groups:
-            group.update(initial_lr=lr, lr=lr * lr_factor(step, t.warmup_steps, self.stage_steps),
-                         weight_decay=t.weight_decay)
+            group.update(initial_lr=lr, weight_decay=t.weight_decay)
+            _set_lr(group, lr * lr_factor(step, t.warmup_steps, self.stage_steps))
         self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
 
     def _write_config(self) -> None:
@@ -332,14 +391,38 @@ class Trainer:
         os.replace(temporary, self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------- one step
-    def _loss(self, batch: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The stage's losses of a batch: images, or clean latents ``z_clean`` from a latent cache."""
+    def _loss(self, micro: MicroBatch) -> dict[str, torch.Tensor]:
+        """The stage's losses of a micro-batch (images, or clean latents ``z_clean`` from a latent cache), with
+        the random draws it carries: nothing is drawn or read back here."""
         model = self.ddp_model if self.ddp_model is not None else self.model
         with self._autocast():
-            conditioning = self.conditioning.for_batch(labels) if self.uses_base else {}
-            if self.from_latents:
-                return model(None, generator=self.generator, stage=self.stage, z_clean=batch, **conditioning)
-            return model(batch, generator=self.generator, stage=self.stage, **conditioning)
+            return model(micro.images, micro.labels, micro.context, micro.pooled, stage=self.stage,
+                         z_clean=micro.z_clean, draws=micro.draws, null_context=micro.null_context,
+                         null_pooled=micro.null_pooled)
+
+    def _micro_batch(self) -> MicroBatch:
+        """The next micro-batch on the device: its examples, conditioning (stage 2 and single-stage) and the
+        loss's random draws from this rank's generator (drawn in the order the losses always consumed them)."""
+        examples, targets = self.stream.next_batch()  # targets: labels [b], or a CaptionBatch
+        examples = self._to_device(examples)
+        if isinstance(targets, CaptionBatch):
+            targets = CaptionBatch(self._to_device(targets.labels), targets.captions)
+        else:
+            targets = self._to_device(targets)
+        conditioning = self.conditioning.for_batch(targets) if self.uses_base else {}
+        conditional = any(conditioning.get(key) is not None for key in ("labels", "context", "pooled"))
+        draws = self.model.draw_loss_randomness(self.stage, examples.shape[0], self.device, self.generator,
+                                                conditional)
+        images, z_clean = (None, examples) if self.from_latents else (examples, None)
+        inputs = (conditioning.get(key) for key in ("labels", "context", "pooled", *NULL_KEYS))
+        return MicroBatch(images, z_clean, *inputs, draws)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the training device without waiting for it: a copy from pageable host memory would block
+        the host until the GPU has run everything queued before it, so a CPU batch is pinned first."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _gradient_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients in backward; with gradient accumulation only the last micro-step's
@@ -348,38 +431,16 @@ class Trainer:
             return contextlib.nullcontext()
         return self.ddp_model.no_sync()
 
-    def train_step(self) -> dict[str, float] | None:
-        """One optimiser step (with gradient accumulation); None if it was skipped as non-finite."""
+    def train_step(self) -> None:
+        """Queue one optimiser step (with gradient accumulation) without reading the device: a non-finite loss
+        or gradient skips the update on the device and is counted in the metric window (:attr:`step`), which
+        the loop reads at each log record and checkpoint."""
         t = self.config.train
-        self.model.train()
-        totals: dict[str, torch.Tensor] = {}
-        for micro_step in range(t.grad_accumulation):
-            images, labels = self.stream.next_batch()
-            with self._gradient_sync(last_micro_step=micro_step == t.grad_accumulation - 1):
-                out = self._loss(images.to(self.device, non_blocking=True), labels.to(self.device))
-                (out["loss"] / t.grad_accumulation).backward()
-            for key, value in out.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float() / t.grad_accumulation
-        if self.world_size > 1:  # log the global batch's means, identical on every rank
-            names = sorted(totals)
-            stacked = torch.stack([totals[k] for k in names])
-            torch.distributed.all_reduce(stacked)
-            totals = dict(zip(names, stacked / self.world_size))
-        grad_norm = full(torch.nn.utils.clip_grad_norm_(self._stage_parameters(), t.grad_clip))
-        if not (torch.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            if self.bad_steps >= t.max_bad_steps:
-                raise TrainingDiverged(f"{self.bad_steps} non-finite losses in a row at step {self.global_step}; "
-                                       "stopping (the last checkpoint is untouched)")
-            return None
-        self.bad_steps = 0
-        self.optimizer.step()
+        if not self.model.training:
+            self.model.train()
+        micro_batches = [self._micro_batch() for _ in range(t.grad_accumulation)]
+        self.step(micro_batches, ema_decay_at(self.stage_step, t.ema_decay))
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema_model, self.model, ema_decay_at(self.stage_step, t.ema_decay), self.stage_networks)
-        return {**{k: float(v) for k, v in totals.items()}, "grad_norm": float(grad_norm)}
 
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -449,7 +510,7 @@ class Trainer:
         self.log.write({"step": self.global_step, "stage": self.stage, "stage_step": self.stage_step, **record})
 
     def _start_stage(self, stage: int) -> None:
-        self.stage, self.stage_step = stage, 0
+        self.stage, self.stage_step, self.stage_applied_steps = stage, 0, 0
         if stage == 2:
             # Stage 2 uses the stage-1 EMA weights of the networks stage 1 trained, frozen from here on.
             copy_weights(self.model, self.ema_model, parameter_prefixes(self.model.trained_networks(1)))
@@ -536,9 +597,13 @@ class Trainer:
             for number, old in previous.items():
                 signal.signal(number, old)
 
-    def _stop_requested(self) -> int:
-        """The signal that asked to stop (0: none), agreed by all ranks so they stop at the same step."""
-        return self._any_rank(self._stop_signal or 0)
+    def _stop_requested(self, agree: bool) -> int:
+        """The signal that asked to stop (0: none). Under torchrun the ranks agree on it (a collective read
+        back on the host) only where ``agree`` (log and checkpoint steps), so that they stop at the same step
+        without a read of the device in every step; one process stops after any step."""
+        if self.world_size == 1:
+            return self._stop_signal or 0
+        return self._any_rank(self._stop_signal or 0) if agree else 0
 
     def _stop(self, signum: int, saved: bool) -> None:
         """Checkpoint this step (unless just done), record the stop and raise :class:`TrainingInterrupted`."""
@@ -549,41 +614,76 @@ class Trainer:
         raise TrainingInterrupted(f"stopped by {name} after step {self.global_step}, checkpoint written; continue "
                                   f"with: ul-fast train --resume {self.run_dir}", signum)
 
+    def _window_clock(self) -> float:
+        """Seconds since the open metric window started in this process."""
+        return time.perf_counter() - self._window_start
+
+    def _read_window(self) -> dict[str, float]:
+        """The open metric window (one read of the device), after checking it for divergence: a run of
+        ``train.max_bad_steps`` skipped steps raises :class:`TrainingDiverged` before anything is saved."""
+        window = self.step.window.read()
+        t = self.config.train
+        if window["longest_skipped_run"] >= t.max_bad_steps:
+            raise TrainingDiverged(f"{window['longest_skipped_run']} non-finite losses in a row by step "
+                                   f"{self.global_step}; stopping (the last checkpoint is untouched)")
+        return window
+
+    def _log_window(self, window: dict[str, float]) -> None:
+        """Write the log record of the open window (and evaluate, when due), then start a new window."""
+        t = self.config.train
+        steps = window["applied_steps"] + window["skipped_steps"]
+        elapsed = self.window_elapsed_s + self._window_clock()
+        self.skipped_steps += window["skipped_steps"]
+        self.stage_applied_steps += window["applied_steps"]
+        record = {k: v for k, v in window.items()
+                  if k not in ("applied_steps", "skipped_steps", "longest_skipped_run")}
+        images = steps * t.batch_size * t.grad_accumulation
+        record.update(lr=float(self.scheduler.get_last_lr()[0]), skipped_steps=self.skipped_steps,
+                      step_time_s=elapsed / max(steps, 1), images_per_s=images / max(elapsed, 1e-9),
+                      **self.flops.rates(self.stage, images / self.world_size, elapsed))
+        if self.stage == 2:
+            record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
+        if isinstance(self.stream, StreamingBatches):
+            record["bad_images"] = self._bad_images_since_last_log()
+        at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
+        if at_eval and (self.is_main or self.sharded):
+            record.update(self._evaluate_and_draw())
+        self._log(record)
+        self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
+                             bpp=f"{record.get('bits_per_pixel') or 0:.4f}")
+        self.step.window.reset()
+        self.window_elapsed_s, self._window_start = 0.0, time.perf_counter()
+
     def _run_stage(self) -> None:
         t = self.config.train
-        window: dict[str, float] = {}
-        count, start = 0, time.perf_counter()
-        bar = tqdm(total=self.stage_steps, initial=self.stage_step, disable=not (t.progress and self.is_main),
-                   desc=f"stage {self.stage}")
+        self._window_start = time.perf_counter()
+        self.bar = tqdm(total=self.stage_steps, initial=self.stage_step, disable=not (t.progress and self.is_main),
+                        desc=f"stage {self.stage}")
         while self.stage_step < self.stage_steps:
-            metrics = self.train_step()
+            self.train_step()
             self.stage_step += 1
-            bar.update(1)
-            if metrics is not None:
-                for key, value in metrics.items():
-                    window[key] = window.get(key, 0.0) + value
-                count += 1
-            if self.stage_step % t.log_every == 0 or self.stage_step == self.stage_steps:
-                elapsed = time.perf_counter() - start
-                record = {k: v / max(count, 1) for k, v in window.items()}
-                record.update(lr=self.scheduler.get_last_lr()[0], skipped_steps=self.skipped_steps,
-                              step_time_s=elapsed / max(count, 1),
-                              images_per_s=count * t.batch_size * t.grad_accumulation / max(elapsed, 1e-9))
-                if self.stage == 2:
-                    record["bits_per_pixel"] = self.frozen_bits_per_pixel  # the frozen latents' bitrate
-                if isinstance(self.stream, StreamingBatches):
-                    record["bad_images"] = self._bad_images_since_last_log()
-                at_eval = self.stage_step % t.eval_every == 0 or self.stage_step == self.stage_steps
-                if at_eval and (self.is_main or self.sharded):
-                    record.update(self._evaluate_and_draw())
-                self._log(record)
-                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.1f}",
-                                bpp=f"{record.get('bits_per_pixel') or 0:.4f}")
-                window, count, start = {}, 0, time.perf_counter()
+            self.bar.update(1)
+            at_log = self.stage_step % t.log_every == 0 or self.stage_step == self.stage_steps
             saved = self.stage_step % t.checkpoint_every == 0 or self.stage_step == self.stage_steps
+            if at_log or saved:
+                window = self._read_window()
+                if at_log:
+                    self._log_window(window)
+            if self.stage_step == self.stage_steps and self.stage_applied_steps == 0:
+                raise TrainingDiverged(f"every one of the {self.stage_steps} steps of stage {self.stage} was skipped "
+                                       "(non-finite loss or gradient): nothing was trained; check the learning rate "
+                                       "and the loss weights")
             if saved:
                 self.save()
-            if signum := self._stop_requested():
-                bar.close()
+            if signum := self._stop_requested(agree=at_log or saved):
+                self.bar.close()
                 self._stop(signum, saved)
-        bar.close()
+        self.bar.close()
+
+
+def _set_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's learning rate: in place where it is a device tensor (a CUDA graph reads it there)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
