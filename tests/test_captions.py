@@ -319,6 +319,22 @@ def test_stage2_from_a_captioned_latent_cache_is_stage2_from_the_pixels(tmp_path
         assert all(np.isclose(cached[k], pixel[k], rtol=1e-5, atol=0) for k in ("loss", "grad_norm")), (cached, pixel)
 
 
+def test_a_cache_keeps_the_captions_of_the_images_it_kept(tmp_path):
+    """An image that does not decode is left out of the cache (on_bad_image skip): its captions must go with it,
+    or every later image would carry its predecessor's caption."""
+    from ul_fast.config import config_from_dict
+    from ul_fast.data import BadImageWarning
+
+    root = side_file_folder(tmp_path / "data")
+    Trainer(config_from_dict(micro_text(f"folder:{root}", stage1_steps=1, stage2_steps=0)), tmp_path / "run").fit()
+    (root / "img2.png").write_bytes(b"not a png")  # the third image ("a shoe") no longer decodes
+    with pytest.warns(BadImageWarning, match="img2.png"):
+        encode_dataset(tmp_path / "run", f"folder:{root}", tmp_path / "cache", dtype="fp32", batch_size=2,
+                       shard_size=4, progress=False)
+    cache = LatentCache(tmp_path / "cache")
+    assert len(cache) == 5 and cache.captions.to_lists() == [c for k, c in enumerate(CAPTIONS) if k != 2]
+
+
 def test_the_policy_applies_to_a_latent_cache(tmp_path):
     from ul_fast.config import config_from_dict
 
