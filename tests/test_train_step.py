@@ -18,7 +18,7 @@ from ul_fast.train import Trainer, TrainingInterrupted
 from ul_fast.train.flops import flops_per_example, peak_tflops
 from ul_fast.train.metrics_log import read_metrics
 
-from micro import micro_config
+from micro import MICRO, micro_config
 from spies import record_host_reads
 
 NO_EVAL = {"eval_every": 1000, "checkpoint_every": 1000, "log_every": 1000}
@@ -193,6 +193,67 @@ def test_train_compile_compiles_the_whole_loss_with_fullgraph(tmp_path, monkeypa
     assert calls == [{"fullgraph": True}]
 
 
+# ------------------------------------------------------------------------------- activation checkpointing
+def _saved_bytes(trainer: Trainer) -> int:
+    """Bytes that autograd keeps for the backward of one micro-batch's loss (the activations)."""
+    micro, saved = trainer._micro_batch(), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        loss = trainer._loss(micro)["loss"]
+    loss.backward()
+    return sum(saved)
+
+
+@pytest.mark.parametrize("model", [{"num_classes": 10}, {"num_classes": 10, "mode": "single_stage"},
+                                   {"num_classes": 10, "decoder": {**MICRO["model"]["decoder"], "dropout": 0.2},
+                                    "base": {**MICRO["model"]["base"], "dropout": 0.2}}],
+                         ids=["two stages", "single stage", "dropout"])
+def test_activation_checkpointing_stores_less_and_computes_the_same(tmp_path, model):
+    """train.activation_checkpointing: every transformer and residual block recomputes its activations in the
+    backward pass. The step's losses, gradient norms, weights, EMA and AdamW state equal those of the step that
+    stores them (the same ops on the same inputs; with dropout, the RNG state restored for the recomputation), and
+    autograd keeps a fraction of the bytes."""
+    train = {} if model.get("mode") != "single_stage" else {"stage2_steps": 0}
+    stored, stored_state = _train_steps(tmp_path, "stored", 3, device="cpu", model=model, **train)
+    recomputed, recomputed_state = _train_steps(tmp_path, "recomputed", 3, device="cpu", model=model,
+                                                activation_checkpointing=True, **train)
+    assert recomputed == stored
+    assert [k for k in stored_state if not torch.equal(stored_state[k], recomputed_state[k])] == []
+    for stage in (1, 2) if "mode" not in model else (1,):
+        plain = make_trainer(tmp_path / f"plain{stage}", model, train, stage)
+        checkpointed = make_trainer(tmp_path / f"checkpointed{stage}", model,
+                                    {**train, "activation_checkpointing": True}, stage)
+        assert _saved_bytes(checkpointed) < 0.5 * _saved_bytes(plain)  # micro sizes: 0.30 (stage 1), 0.15 (2)
+
+
+def test_activation_checkpointing_leaves_evaluation_and_the_ema_model_alone(tmp_path, monkeypatch):
+    from ul_fast.nets import layers
+
+    trainer = make_trainer(tmp_path, train={"activation_checkpointing": True})
+    blocks = [m for m in trainer.model.modules() if isinstance(m, layers.CheckpointedBlock)]
+    assert len(blocks) > 4 and all(b.checkpointed for b in blocks)
+    assert not any(m.checkpointed for m in trainer.ema_model.modules() if isinstance(m, layers.CheckpointedBlock))
+    calls = []
+    monkeypatch.setattr(layers, "checkpoint", lambda fn, *args, **kwargs: calls.append(fn) or fn(*args))
+    images = torch.rand(2, *trainer.model.image_shape) * 2 - 1
+    with torch.no_grad():  # nothing recorded, nothing to recompute: the plain forward runs
+        trainer.model.encode(images)
+    assert calls == []
+    trainer.model.encode(images).sum().backward()
+    assert len(calls) == sum(isinstance(m, layers.CheckpointedBlock) for m in trainer.model.encoder.modules()) > 0
+
+
+@pytest.mark.slow
+def test_a_checkpointed_loss_still_traces_into_one_graph(tmp_path):
+    trainer = make_trainer(tmp_path, {"num_classes": 10}, {"activation_checkpointing": True})
+    micro = trainer._micro_batch()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(trainer.model)(micro.images, micro.labels, micro.context, micro.pooled,
+                                                       stage=1, z_clean=micro.z_clean, draws=micro.draws)
+    assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 # ------------------------------------------------------------------------------- FLOPs and MFU
 def test_flops_are_counted_on_the_meta_device_as_on_real_tensors():
     config = micro_config(model={"num_classes": 10}).model
@@ -237,11 +298,13 @@ def test_cuda_graph_needs_cuda_and_one_process(tmp_path):
         Trainer(micro_config(train={"cuda_graph": True}), tmp_path / "ddp", rank=0, world_size=2)
 
 
-def _train_steps(tmp_path, name: str, steps: int, **train) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    config = micro_config(train={**NO_EVAL, "device": "cuda", **train})
+def _train_steps(tmp_path, name: str, steps: int, device: str = "cuda", model: dict | None = None,
+                 **train) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Both stages' first ``steps`` steps: each step's metric window, and every weight and optimiser tensor."""
+    config = micro_config(model=model or {}, train={**NO_EVAL, "device": device, **train})
     trainer = Trainer(config, tmp_path / name)
     windows = []
-    for stage in (1, 2):
+    for stage in (1,) if trainer.model.single_stage else (1, 2):
         if stage == 2:
             trainer._start_stage(2)
         for _ in range(steps):
@@ -257,6 +320,15 @@ def test_a_replayed_step_equals_the_eager_step_for_step(tmp_path):
     optimiser's state equal the eager run's exactly (the same kernels on the same inputs, replayed)."""
     eager, eager_state = _train_steps(tmp_path, "eager", 8)
     graphed, graphed_state = _train_steps(tmp_path, "graphed", 8, cuda_graph=True)
+    assert graphed == eager
+    assert [k for k in eager_state if not torch.equal(eager_state[k], graphed_state[k])] == []
+
+
+@pytest.mark.gpu
+def test_a_replayed_checkpointed_step_equals_the_eager_step(tmp_path):
+    """Activation checkpointing inside a captured step: the recomputation is part of the graph."""
+    eager, eager_state = _train_steps(tmp_path, "eager", 6)
+    graphed, graphed_state = _train_steps(tmp_path, "graphed", 6, cuda_graph=True, activation_checkpointing=True)
     assert graphed == eager
     assert [k for k in eager_state if not torch.equal(eager_state[k], graphed_state[k])] == []
 

@@ -179,6 +179,9 @@ class TrainConfig:
     # CUDA: capture each stage's whole step (forward, backward, clipping, AdamW, EMA) once per input shape and
     # replay it; one process only. A capture that fails warns once and the step runs eagerly.
     cuda_graph: bool = False
+    # Recompute each transformer and residual block's activations in the backward pass instead of storing them:
+    # the same values and gradients, less memory for one more forward pass (a larger batch fits).
+    activation_checkpointing: bool = False
     # Dense bf16 peak TFLOP/s of one device, for the logged mfu; 0: from ul_fast.train.flops.PEAK_TFLOPS.
     peak_tflops: float = 0.0
     log_every: int = 50

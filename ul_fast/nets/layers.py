@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ul_fast import ops
+
+
+class CheckpointedBlock(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of stored
+    (:func:`set_activation_checkpointing`, ``train.activation_checkpointing``): the same values and gradients, for
+    one more forward of the block. Only while gradients are recorded; evaluation and sampling never recompute."""
+
+    checkpointed: bool = False
+
+    def _run(self, forward: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:
+        if not (self.checkpointed and torch.is_grad_enabled()):
+            return forward(*args)
+        # The RNG state is saved and restored around the recomputation only where the block draws from it
+        # (dropout): saving it reads the generator, which a CUDA-graph capture does not allow.
+        uses_rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()) and self.training
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=uses_rng)
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Turn activation checkpointing on or off for every :class:`CheckpointedBlock` inside ``module`` (the
+    transformer and residual blocks of all four networks); returns how many blocks there are."""
+    blocks = [m for m in module.modules() if isinstance(m, CheckpointedBlock)]
+    for block in blocks:
+        block.checkpointed = enabled
+    return len(blocks)
 
 
 class LogSNREmbedding(nn.Module):
@@ -61,7 +88,7 @@ class Attention(nn.Module):
         return self.proj(ops.attention(q, k, v).reshape(batch, tokens, width))
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(CheckpointedBlock):
     """Transformer block with adaLN-Zero conditioning (DiT): per-example shift, scale and gate.
 
     x ``[B, S, W]``, cond ``[B, C]``; optional cross-attention to ``context [B, T, E]`` (text tokens).
@@ -83,6 +110,9 @@ class AdaLNBlock(nn.Module):
             self.cross_norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(self._forward, x, cond, context)
+
+    def _forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(cond)).chunk(6, dim=1)
         x = x + gate1[:, None] * self.dropout(self.attn(ops.adaln_layernorm(x, scale1, shift1)))
         if self.cross_attn is not None and context is not None:
@@ -112,7 +142,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
-class ResBlock(nn.Module):
+class ResBlock(CheckpointedBlock):
     """Pre-activation residual conv block; optional per-example scale/shift from a conditioning vector.
 
     x ``[B, C_in, H, W]`` → ``[B, C_out, H, W]``.
@@ -131,6 +161,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(self._forward, x, cond)
+
+    def _forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h)
         if self.cond is not None:

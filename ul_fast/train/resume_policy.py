@@ -20,6 +20,7 @@ CHANGEABLE_ON_RESUME = (
     "train.lr", "train.base_lr", "train.warmup_steps", "train.grad_clip", "train.weight_decay",
     "train.device",  # the same computation on another machine (torchrun sets it per rank)
     "train.cuda_graph",  # a replayed step computes what the eager step computes
+    "train.activation_checkpointing",  # recomputed activations are the stored ones
     "train.peak_tflops",  # reporting only
     "sample.",
     "model.single_stage_sample_logsnr",  # where single-stage sampling stops: read only when sampling
@@ -55,6 +56,6 @@ def check_resume_changes(changes: dict[str, dict[str, Any]], stage: int = 1) -> 
     if refused:
         raise ConfigError(f"these keys cannot change on --resume: {', '.join(refused)} (allowed: schedule "
                           "lengths, logging/eval/checkpoint cadence, train.lr/base_lr/warmup_steps/grad_clip/"
-                          "weight_decay/max_bad_steps/cuda_graph/peak_tflops, sample.*, "
+                          "weight_decay/max_bad_steps/cuda_graph/activation_checkpointing/peak_tflops, sample.*, "
                           "model.single_stage_sample_logsnr, data.num_workers/prefetch_factor/on_bad_image); start a "
                           "new run for the others")

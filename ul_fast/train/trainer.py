@@ -42,6 +42,7 @@ from ul_fast.data.latent_cache import check_cache_for_model
 from ul_fast.devices import resolve_device
 from ul_fast.eval import psnr, save_grid, side_by_side
 from ul_fast.model import UnifiedLatents
+from ul_fast.nets import set_activation_checkpointing
 from ul_fast.train.checkpoint import (
     CheckpointError,
     NonFiniteWeightsError,
@@ -143,6 +144,8 @@ class Trainer:
             for cache in (self.train_data, self.test_data):
                 check_cache_for_model(cache, self.model)
         self.ema_model = make_ema_model(self.model)
+        # after the EMA copy: it never computes gradients, so it has nothing to recompute
+        set_activation_checkpointing(self.model, t.activation_checkpointing)
         self.ddp_model: torch.nn.parallel.DistributedDataParallel | None = None
         # FSDP2: model and EMA sharded alike, so EMA updates are shard-local; evaluation then runs on
         # every rank (a sharded forward is a collective) and checkpoints gather full weights.
