@@ -16,8 +16,9 @@ Phases (``--phases``, in this order by default):
     (``UL_FAST_BACKEND=fast``) and ``all kernels - OP`` per op with a kernel on this device. A row faster than
     ``all kernels`` names a kernel that slows the captured step (for ``dispatch.REFERENCE_IS_FASTER``).
 ``paper``
-    ``imagenet512-paper`` on this one device, per stage: the largest power-of-two batch that trains (random
-    512×512 images), its peak memory, and the step time and MFU of ``ul_fast+graph`` (and ``ul_fast``) there.
+    ``imagenet512-paper`` on this one device, per stage, without and with ``train.activation_checkpointing``
+    (``ckpt``): the largest power-of-two batch that trains (random 512×512 images), its peak memory, and the step
+    time and MFU of ``ul_fast+graph`` (and ``ul_fast``) there.
 
 Timing: each variant runs ``--steps`` consecutive ``train_step`` calls per round between two device
 synchronisations (the host queues steps ahead of the GPU as in training; the metric window is read once per block,
@@ -304,22 +305,28 @@ def main() -> None:
         m = base.model
         spec = random_image_file(scratch, m.image_size, m.image_channels, m.num_classes, 8 if args.smoke else 64)
         for stage in args.stages:
-            def with_batch(batch: int, _stage: int = stage) -> Config:
-                return load_config(paper, [*overrides, *smoke, f"train.batch_size={batch}", f"data.dataset={spec}"])
+            for checkpointed in (False, True):  # train.activation_checkpointing: a larger batch for more compute
+                def with_batch(batch: int, _checkpointed: bool = checkpointed) -> Config:
+                    return load_config(paper, [*overrides, *smoke, f"train.batch_size={batch}",
+                                               f"data.dataset={spec}",
+                                               f"train.activation_checkpointing={str(_checkpointed).lower()}"])
 
-            if device.type == "cuda":
-                batch, gib = largest_batch(lambda b, s=stage: make_trainer(with_batch(b), Variant("ul_fast"), s,
-                                                                           scratch), 1, args.paper_limit)
-                print(f"paper config, stage {stage}: largest power-of-two batch {batch} "
-                      f"(peak {gib:.1f} GiB of {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f})",
-                      flush=True)
-            else:
-                batch, gib = 2, 0.0
-            for variant in (Variant("ul_fast"), Variant("ul_fast+graph", graph=True)) if batch else ():
-                # one variant at a time: two trainers of 720 M parameters (with EMA and AdamW state) and the
-                # activations of the largest batch do not fit together
-                with contextlib.suppress(torch.OutOfMemoryError):
-                    phase("paper", stage, [variant], with_batch(batch), baselines=0, extra={"peak_gib_eager": gib})
+                suffix = " ckpt" if checkpointed else ""
+                if device.type == "cuda":
+                    batch, gib = largest_batch(lambda b, s=stage: make_trainer(with_batch(b), Variant("ul_fast"), s,
+                                                                               scratch), 1, args.paper_limit)
+                    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+                    print(f"paper config, stage {stage}{', activation checkpointing' if checkpointed else ''}: "
+                          f"largest power-of-two batch {batch} (peak {gib:.1f} GiB of {total:.0f})", flush=True)
+                else:
+                    batch, gib = 2, 0.0
+                variants = (Variant("ul_fast" + suffix), Variant("ul_fast+graph" + suffix, graph=True))
+                for variant in variants if batch else ():
+                    # one variant at a time: two trainers of 720 M parameters (with EMA and AdamW state) and the
+                    # activations of the largest batch do not fit together
+                    with contextlib.suppress(torch.OutOfMemoryError):
+                        phase("paper", stage, [variant], with_batch(batch), baselines=0,
+                              extra={"peak_gib_eager": gib, "activation_checkpointing": checkpointed})
 
 
 if __name__ == "__main__":

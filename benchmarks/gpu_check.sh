@@ -16,7 +16,8 @@
 #              ms/step, MFU and the ratios over reference and reference+compile (compiled for
 #              TRAIN_COMPILE_STAGES, default "1,2")
 #   paper      gpu_bench_train_step.py --phases paper: imagenet512-paper per stage, the largest power-of-two batch,
-#              its peak memory, ms/step and MFU (ul_fast, ul_fast+graph)
+#              its peak memory, ms/step and MFU (ul_fast, ul_fast+graph), then the same with
+#              train.activation_checkpointing (a part cut short by its budget keeps the rows it measured)
 #   profile    benchmarks/profile_train_step.py: GPU-busy share, kernels and host ms per step, top kernels
 #   tests      pytest -m gpu tests/ (pytest-xdist over 16 workers when installed; JUnit XML kept), and
 #              tests/test_inception.py against pytorch-fid when pytorch_fid and torchvision import
@@ -76,7 +77,7 @@ if want train; then
 fi
 
 if want paper; then
-  run_part paper 200 "$PY" benchmarks/gpu_bench_train_step.py --phases paper --rounds 2 --steps 5 --warmup 3 \
+  run_part paper 240 "$PY" benchmarks/gpu_bench_train_step.py --phases paper --rounds 2 --steps 5 --warmup 3 \
     --out "$LOGS/paper"
 fi
 

@@ -22,7 +22,9 @@ def test_train_step_benchmark_smoke(tmp_path):
         table = [r["variant"] for r in rows if r["stage"] == stage and r["phase"] == "table"]
         assert table == ["reference", "ul_fast", "ul_fast+graph"], table
         paper = [r["variant"] for r in rows if r["stage"] == stage and r["phase"] == "paper"]
-        assert paper == ["ul_fast", "ul_fast+graph"], paper
+        assert paper == ["ul_fast", "ul_fast+graph", "ul_fast ckpt", "ul_fast+graph ckpt"], paper
+        assert [r["activation_checkpointing"] for r in rows if r["stage"] == stage and r["phase"] == "paper"] == [
+            False, False, True, True]
     for row in rows:
         assert row["ms"] > 0 and row["tflops"] > 0 and row["mfu"] is None and row["rounds"] == 2, row
         assert row["phase"] == "paper" or row["speedup_vs_reference"] > 0, row
