@@ -3,6 +3,7 @@ seeded; images in and out in three forms; export → load is bit-exact; every ba
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -351,6 +352,22 @@ def test_cli_evaluates_an_encoder_decoder_export_into_its_folder(runs, capsys):
     (folder / "eval.json").unlink()
     assert math.isfinite(result["rfd"]) and math.isfinite(result["psnr"])
     assert result["bits_per_pixel_prior"] is None and result["gfd"] is None  # no prior, no base model
+
+
+def test_cli_evaluates_on_data_given_with_data(runs, tmp_path, capsys):
+    """A model whose data spec does not resolve here (a shipped model's `fmnist` away from Debian's path) is
+    evaluated on data given with --data: eval.json records what it was scored on."""
+    folder = tmp_path / "export"
+    shutil.copytree(runs / "export-encoder-decoder-fp32", folder)
+    eval_args = ["--samples", "8", "--decoder-steps", "2", "--no-progress"]
+    cli.main(["eval", "--run", str(folder), "--data", "fmnist-embedded", *eval_args])
+    capsys.readouterr()
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["dataset"] == "fmnist-embedded" and result["held_out"] and math.isfinite(result["rfd"])
+    assert result["reference_images"] == len(load_dataset("fmnist-embedded", "train", image_size=16))
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--run", str(folder), "--data", f"latents:{tmp_path}", *eval_args])
+    assert "--data must name images" in capsys.readouterr().err
 
 
 def test_cli_evaluates_a_shipped_model_without_writing_into_the_package(runs, monkeypatch, capsys):

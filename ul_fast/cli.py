@@ -196,7 +196,7 @@ def _write_prompt_images(images: torch.Tensor, prompts: list[str], n: int, grid:
 
 def _eval(args: argparse.Namespace) -> None:
     from ul_fast.api import open_model
-    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images, splits_apart
+    from ul_fast.data import STREAMED_IMAGES_IN_MEMORY, load_images, spec_kind, splits_apart
     from ul_fast.devices import resolve_device
     from ul_fast.eval.adherence import read_prompts
     from ul_fast.eval.evaluate import EVAL_FILE, check_features, evaluate_model, format_table
@@ -215,7 +215,10 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--prompts and --negative-prompt need a text-conditioned run; {args.run} has "
                          f"model.context_dim: null")
     latent_sampler, decoder_sampler = _samplers(args, config)
-    train_data, test_data = (load_images(config.data.dataset, split, m.image_size, m.image_channels,
+    dataset = args.data or config.data.dataset
+    if spec_kind(dataset) == "latents":
+        raise ValueError(f"--data must name images (their reconstructions and samples are scored), got {dataset!r}")
+    train_data, test_data = (load_images(dataset, split, m.image_size, m.image_channels,
                                          stream_limit=STREAMED_IMAGES_IN_MEMORY) for split in ("train", "test"))
     result = evaluate_model(model, train_data, test_data, samples=args.samples, sampler=latent_sampler,
                             decoder_sampler=decoder_sampler,
@@ -225,11 +228,11 @@ def _eval(args: argparse.Namespace) -> None:
                             guidance=s.guidance if args.guidance is None else args.guidance,
                             guidance_interval=tuple(s.guidance_interval), seed=args.seed,
                             base_trained=opened.base_model_trained, features=args.features,
-                            held_out=splits_apart(config.data.dataset), progress=not args.no_progress,
+                            held_out=splits_apart(dataset), progress=not args.no_progress,
                             prompts=prompts, negative_prompt=args.negative_prompt)
     for note in result["notes"]:
         print(f"ul-fast: note: {args.run}: {note}", file=sys.stderr)
-    record = {"run": str(args.run), "dataset": config.data.dataset, **result,
+    record = {"run": str(args.run), "dataset": dataset, **result,
               **({"prompts_file": str(args.prompts)} if args.prompts else {})}
     print(format_table(result))
     if opened.kind == "shipped":  # its folder is part of the installed package: left as installed
@@ -448,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "model. Prints a table and writes RUN/eval.json.")
     evaluate.add_argument("--run", required=True, help="run folder written by ul-fast train, an exported model's "
                           "folder (ul-fast export) or a shipped model's name (fmnist-tiny; eval.json is not written)")
+    evaluate.add_argument("--data", metavar="SPEC",
+                          help="the images to evaluate on, a data spec as data.dataset takes (default: the run's "
+                               "data.dataset), e.g. fmnist:DIR for fmnist-tiny where Fashion-MNIST is not at "
+                               "Debian's path; read at the model's image size")
     evaluate.add_argument("--samples", type=_positive_int, default=1000, metavar="N",
                           help="N: held-out images to reconstruct and images to sample (default 1000; at most "
                                "the test split's size)")
