@@ -9,9 +9,8 @@ family without seeds of its own takes the largest σ of those with them. The fir
 of one point with seeds: a difference of two single runs counts when it exceeds ``t(0.975, ν) · σ · √2``.
 
 **Frontier.** A family's frontier for a metric is the piecewise-linear curve, in log(bits/pixel), through the mean
-scores (over training seeds) of its Pareto-efficient points: those that no other point of the family beats in the
-metric with no more bits. So a family with two rate knobs (c_lf and latent channels) is judged by its best
-setting at each rate, and every family by the same rule.
+scores (over training seeds) of all its points in order of bits: the quality its settings give at each rate,
+including settings that give more bits for worse quality (that is where a base model becomes the bottleneck).
 
 **Equal bits.** Two frontiers are compared where both are defined: at every point of either family inside the
 overlap of their bit ranges, one frontier's value there against the other's interpolated value. An interpolated
@@ -144,14 +143,6 @@ class FrontierPoint:
     bits: float
     value: float
     seeds: int
-
-
-def frontier(points: list[FrontierPoint], lower_is_better: bool) -> list[FrontierPoint]:
-    """The Pareto-efficient points, by bits: a point stays unless another has no more bits and a better value."""
-    sign = 1 if lower_is_better else -1
-    kept = [p for p in points if not any(
-        q is not p and q.bits <= p.bits and sign * q.value < sign * p.value for q in points)]
-    return sorted(kept, key=lambda p: p.bits)
 
 
 def interpolate(curve: list[FrontierPoint], bits: float) -> tuple[float, float] | None:

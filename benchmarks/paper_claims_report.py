@@ -50,16 +50,14 @@ def _cell(values: list[float], digits: int) -> str:
 
 
 def curve(scores: frontiers.Scores, points: list[str], metric: str, samples: int,
-          base: str | None = None, pareto: bool = True) -> list[FrontierPoint]:
-    """A family's points as (bits, mean metric, seeds): the Pareto frontier, or all points by bits."""
+          base: str | None = None) -> list[FrontierPoint]:
+    """A family's measured points as (bits under the preset's base model, mean metric, seeds), by bits."""
     found = []
     for name in points:
         values = _values(scores, name, metric, samples, base)
-        bits = [r[BITS] for r in scores.seeds(name, samples, None)]  # the rate under the preset's base model
+        bits = [r[BITS] for r in scores.seeds(name, samples, None)]
         if values and bits:
             found.append(FrontierPoint(name, statistics.fmean(bits), statistics.fmean(values), len(values)))
-    if pareto:
-        return frontiers.frontier(found, frontiers.LOWER_IS_BETTER.get(metric, True))
     return sorted(found, key=lambda p: p.bits)
 
 
@@ -91,12 +89,10 @@ def plot(study, scores, metric_check: dict | None, samples: int, path: Path) -> 
             for name in points:
                 for r in scores.seeds(name, samples):
                     axis.scatter(r[BITS], r[metric] * SCALE.get(metric, 1), s=10, color=colour, alpha=0.5)
-            every = curve(scores, points, metric, samples, pareto=False)
-            if every:
-                axis.scatter([p.bits for p in every], [p.value for p in every], s=40, color=colour,
-                             label=study.families[family])
-                best = curve(scores, points, metric, samples)
-                axis.plot([p.bits for p in best], [p.value for p in best], color=colour, alpha=0.7)
+            line = curve(scores, points, metric, samples)
+            if line:
+                axis.plot([p.bits for p in line], [p.value for p in line], marker="o", color=colour, alpha=0.8,
+                          label=study.families[family])
         axis.set_xscale("log")
         axis.set_xlabel("bits/pixel under the base model")
         axis.set_title(NAMES[metric] + (" (lower is better)" if frontiers.LOWER_IS_BETTER[metric] else ""))

@@ -61,13 +61,6 @@ def test_interpolation_is_linear_in_log_bits_with_its_variance_factor():
     assert frontiers.interpolate(curve, 0.05) is None and frontiers.interpolate(curve, 0.5) is None
 
 
-def test_frontier_keeps_the_pareto_efficient_points():
-    points = [FrontierPoint("cheap", 0.1, 9.0, 1), FrontierPoint("dominated", 0.3, 9.5, 1),
-              FrontierPoint("rich", 0.5, 7.0, 1)]
-    assert [p.name for p in frontiers.frontier(points, lower_is_better=True)] == ["cheap", "rich"]
-    assert [p.name for p in frontiers.frontier(points, lower_is_better=False)] == ["cheap", "dominated"]
-
-
 def test_equal_bits_comparison_and_its_overall_verdict():
     """UL (a) against a baseline (b) wherever both frontiers are defined: at the baseline's point 0.1 UL is
     interpolated, at UL's point 0.2 the baseline is; verdicts follow each rate's own threshold."""
