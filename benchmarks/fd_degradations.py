@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ul_fast.data import load_images
 from ul_fast.eval.evaluate import in_batches, load_feature_network
 from ul_fast.eval.frechet import feature_statistics, frechet_distance, kernel_inception_distance
-from ul_fast.eval.images import psnr
+from ul_fast.eval.images import psnr, save_grid
 
 BLUR_SIGMAS = (0.5, 0.75, 1.0, 1.5, 2.0)  # Gaussian kernel standard deviation, pixels
 NOISE_STDS = (0.02, 0.05, 0.1, 0.2, 0.4)  # added Gaussian noise, in the [−1, 1] pixel scale
@@ -81,11 +81,23 @@ def degradation_scores(data: str, seed: int = 0, batch_size: int = 500) -> dict:
             "kid_subset_size": KID_SUBSET_SIZE, "elapsed_s": time.perf_counter() - start}
 
 
+def save_degradation_grid(data: str, path, count: int = 8, seed: int = 0) -> None:
+    """A PNG of ``count`` held-out images, one row per version: clean, then blurred at every ``BLUR_SIGMAS``, then
+    noisy at every ``NOISE_STDS`` (the noise drawn as in :func:`degradation_scores`)."""
+    test = load_images(data, "test", 32, 1).images[:count]
+    rows = [test, *(gaussian_blur(test, sigma) for sigma in BLUR_SIGMAS),
+            *(add_noise(test, std, torch.Generator().manual_seed(seed + 100 + k)) for k, std in enumerate(NOISE_STDS))]
+    save_grid(torch.cat(rows), path, columns=count, scale=3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="data spec, e.g. fmnist:/path/to/fashion-mnist")
     parser.add_argument("--out", help="JSON file (default: print)")
+    parser.add_argument("--grid", help="also write a PNG of degraded held-out images here")
     args = parser.parse_args()
+    if args.grid:
+        save_degradation_grid(args.data, args.grid)
     result = json.dumps(degradation_scores(args.data), indent=1)
     if args.out:
         from ul_fast.files import write_atomically

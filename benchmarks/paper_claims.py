@@ -384,6 +384,10 @@ def main() -> None:
 
     wall = root / WALL_FILE
     check = root / "metric_check" / METRIC_CHECK_FILE
+    if check.exists():  # what the degradations look like, beside the report (cheap: no features)
+        from fd_degradations import save_degradation_grid
+
+        save_degradation_grid(study.data, Path(args.report).with_name(f"{Path(args.report).stem}_degradations.png"))
     write_report(study, load_scores(study, root), root, Path(args.report),
                  metric_check=json.loads(check.read_text()) if check.exists() else None,
                  wall_s=sum(s["wall_s"] for s in json.loads(wall.read_text())) if wall.exists() else None,

@@ -209,7 +209,8 @@ def sweep_section(study, scores, noise, samples: int) -> list[str]:
     return lines + [""]
 
 
-def metric_check_section(check: dict | None) -> list[str]:
+def metric_check_section(check: dict | None, grid: str) -> list[str]:
+    """The metric check's table, the floor, and the picture of the degradations (``grid``, beside the report)."""
     if not check:
         return ["Not measured yet.", ""]
     lines = ["| degradation | strength | PSNR dB | FD | KID ×10³ |", "| --- | --- | --- | --- | --- |"]
@@ -219,7 +220,11 @@ def metric_check_section(check: dict | None) -> list[str]:
                      f"{r['kid'] * 1e3:.2f} |")
     floor = ", ".join(f"{k.replace('_', ' ')}: FD {v['fd']:.2f}, KID×10³ {v['kid'] * 1e3:.2f}"
                       for k, v in check["floor"].items())
-    return lines + ["", f"Floor (clean against clean, other images): {floor}.", ""]
+    strengths = {kind: ", ".join(f"{r['strength']:g}" for r in check["rows"] if r["kind"] == kind)
+                 for kind in ("blur", "noise")}
+    return lines + ["", f"Floor (clean against clean, other images): {floor}.", "",
+                    f"![8 held-out images by row: clean; blurred at σ {strengths['blur']} px; with noise of std "
+                    f"{strengths['noise']}]({grid})", ""]
 
 
 def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metric_check: dict | None,
@@ -298,7 +303,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "Gaussian blur of known width (what a posterior-mean decoder produces) and added Gaussian noise (texture "
         "that is not in the data), each with its PSNR.",
         "",
-        *metric_check_section(metric_check),
+        *metric_check_section(metric_check, f"{out.stem}_degradations.png"),
     ]
     notes = out.with_suffix(".notes.md")
     if notes.exists():  # the interpretation, written by a person after reading the numbers
