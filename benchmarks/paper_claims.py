@@ -1,25 +1,31 @@
-"""The paper's claims, measured on Fashion-MNIST at CPU scale: trains and evaluates one run per setting, then writes
-a report (default docs/paper_claims.md) with tables in the paper's layout, plots, and a verdict per claim.
+"""The paper's claims, measured on Fashion-MNIST at CPU scale: runs the study a YAML describes (default
+``docs/data/paper_claims.yaml``: its points, base models and jobs), then writes a report (default
+``docs/paper_claims.md``) with rate–quality frontiers, a plot, and a verdict per claim at equal bits.
 
-Every run is the `tiny` preset (or a variant of it) at **equal compute**: the same batch (64) and the same number of
-optimiser steps (1,700 stage-1 + 600 stage-2; single-stage runs 2,300 joint steps), on full Fashion-MNIST (60k
-train / 10k test, Debian's ``dataset-fashion-mnist``; the embedded 5k/1k subset with a warning when it is absent).
-Each run is then scored by ``ul-fast eval`` (N held-out reconstructions and N class-balanced samples, DDIM 32 + 32
-steps, guidance as the preset, seed 0, Fashion-MNIST classifier features).
+A **point** is one setting of the model (a preset and ``--set`` overrides) in a **family** (UL, the VAE + LDM
+baseline, an ablation); a family's points trace its rate–quality frontier: gFD, rFD, PSNR and KID against
+bits/pixel under the base model. The **jobs**, run in the order the study file lists them, two at a time:
 
-Noise scale, per metric: σ is the larger of (a) the standard deviation over the default setting's training seeds
-(two or three) and (b) the standard deviation of the default seed-0 run's scores over evaluation seeds 0, 1 and 2
-(``EVAL_SEEDS``: other samples, noise and subsets, same weights). A difference between two runs counts when it lies
-outside the 95 % prediction interval of a difference of two runs, ``t(0.975, n − 1) · σ · √2`` with n the number of
-values σ came from, in the claimed direction ("reproduced"), against it ("not reproduced"), else "inconclusive at
-this scale". So few values make σ itself uncertain; the t quantile pays for that.
+* ``train: P`` (``seed: S``, default 0): ``ul-fast train`` the point, then ``ul-fast eval`` it (``samples``
+  held-out reconstructions and class-balanced samples, DDIM 32 + 32 steps, guidance 2, evaluation seed 0).
+* ``eval: P`` (``seed``, ``eval_seed``, ``samples``): score a trained point again, in a folder of its own (a copy
+  of the run's config and checkpoints), e.g. other evaluation seeds (the evaluation's own noise) or 10,000 samples.
+* ``base: B, of: P``: stage 2 alone, a base model B of ``base_models`` trained from scratch on P's frozen stage 1
+  (encoder, prior, decoder), then scored: the same weaker base for every latent (the bottleneck sweep).
+* ``metric_check``: Fréchet distance and KID of the Gaussian-blurred and of the noisy test set against the clean
+  one, at several strengths: what the classifier's feature space rewards.
 
-Resumable: a run with an ``eval.json`` is done; a run folder with a checkpoint is resumed (``ul-fast train
---resume``); ``--jobs 2`` trains two runs at once (one thread each), as fits a 2-core machine.
+Resumable: a job whose result file exists is done; a run folder with a checkpoint is resumed (``ul-fast train
+--resume``); a run folder made from other settings than the study file's now is an error, not a silent mix.
+The study file is read again whenever a job ends, so jobs appended to it while the study runs join the queue.
+A failed job is reported and the others go on. Every child process runs with one thread (``OMP_NUM_THREADS=1``)
+and inherits this process's niceness (start the study under ``nice -n 19`` on a shared machine).
+
+The statistics (noise, interpolation in log-bits, verdicts) are in ``frontiers.py``.
 
 Usage:
-    python benchmarks/paper_claims.py --out runs/paper_claims [--jobs 2] [--samples 1000]
-    python benchmarks/paper_claims.py --out runs/paper_claims --report-only
+    nice -n 19 python benchmarks/paper_claims.py --out /work/study-runs [--study docs/data/paper_claims.yaml]
+    python benchmarks/paper_claims.py --out /work/study-runs --report-only
 """
 
 from __future__ import annotations
@@ -28,62 +34,156 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ul_fast.data import DEBIAN_FASHION_MNIST_ROOT
+import yaml
 
-EVAL_SEEDS = (1, 2)  # extra ``ul-fast eval --seed`` draws of the default run, for the evaluation's own noise
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student t quantiles by degrees of freedom
-DEFAULT_CLF = 5.0  # the tiny preset's loss factor (ul_fast/configs/tiny.yaml says why it is above the paper's)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # frontiers.py, beside this script
+import frontiers  # noqa: E402
+
+from ul_fast.files import write_json_atomically  # noqa: E402
+
+STUDY_FILE = Path(__file__).resolve().parents[1] / "docs" / "data" / "paper_claims.yaml"
+STUDY_RECORD = "study.json"  # per run folder: the job's settings and timings
+EVAL_FILE = "eval.json"
+METRIC_CHECK_FILE = "metric_check.json"
+WALL_FILE = "study_wall_s.json"  # the wall time of every session of the study
+
+
+class StudyError(ValueError):
+    """The study file is wrong (an unknown point, a key misspelt, a job before the run it needs)."""
+
+
+# ----------------------------------------------------------------------------------------------- the study
+@dataclass(frozen=True)
+class Point:
+    """One setting of the model: ``ul-fast train --config preset --set overrides``."""
+
+    name: str
+    family: str
+    label: str
+    preset: str = "tiny"
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One training run of the study: a preset, its overrides and a seed."""
+class BaseModel:
+    """A base model for stage 2 alone: ``--set`` overrides on the point's own config."""
 
     name: str
     label: str
     overrides: tuple[str, ...] = ()
-    preset: str = "tiny"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the study's queue. ``kind``: train, eval, base or metric_check."""
+
+    kind: str
+    point: str = ""
     seed: int = 0
+    eval_seed: int = 0
+    samples: int = 0  # 0: the study's default
+    base: str = ""
 
-    def train_args(self, data: str) -> list[str]:
-        sets = [f"data.dataset={data}", f"train.seed={self.seed}", *self.overrides]
-        return ["--config", self.preset, *[arg for s in sets for arg in ("--set", s)]]
+    @property
+    def run(self) -> str:
+        """The training run this job trains or reads: ``POINT_sSEED``."""
+        return f"{self.point}_s{self.seed}"
+
+    @property
+    def folder(self) -> str:
+        """This job's folder under the study's root (its result file inside)."""
+        if self.kind == "train":
+            return self.run
+        if self.kind == "eval":
+            return f"{self.run}.eval-n{self.samples}-e{self.eval_seed}"
+        if self.kind == "base":
+            return f"{self.run}.base-{self.base}"
+        return "metric_check"
+
+    @property
+    def result(self) -> str:
+        return f"{self.folder}/{METRIC_CHECK_FILE if self.kind == 'metric_check' else EVAL_FILE}"
+
+    @property
+    def needs(self) -> str | None:
+        """The folder of the training run this job needs finished first, or None."""
+        return self.run if self.kind in ("eval", "base") else None
 
 
-# In the order they run: every claim's settings and a second seed of the default first; the extra points (a fourth
-# c_lf, more seeds) last, so that a study cut short still answers every claim.
-SETTINGS = (
-    Setting("ul_clf5_s0", "UL, c_lf 5 (default)"),
-    Setting("vae_ldm_s0", "two-stage VAE + LDM", preset="vae-ldm"),
-    Setting("ul_clf5_s1", "UL, c_lf 5 (default), seed 1", seed=1),
-    Setting("ul_clf2", "UL, c_lf 2", ("model.decoder_weighting.factor=2.0",)),
-    Setting("ul_clf8", "UL, c_lf 8", ("model.decoder_weighting.factor=8.0",)),
-    Setting("normal_prior", "N(0, I) prior", ("model.latent_prior=normal",)),
-    Setting("mse_decoder", "MSE decoder", ("model.decoder_loss=mse",)),
-    Setting("stop_grad", "stop-gradient prior", ("model.prior_stop_grad=true",)),
-    Setting("logsnr0_10", "λ_z(0) = 10", ("model.latent_logsnr_0=10.0",)),
-    Setting("single_stage", "single-stage", ("model.mode=single_stage", "train.stage1_steps=2300",
-                                             "train.stage2_steps=0")),
-    Setting("ul_clf3", "UL, c_lf 3", ("model.decoder_weighting.factor=3.0",)),
-    Setting("vae_ldm_s1", "two-stage VAE + LDM, seed 1", preset="vae-ldm", seed=1),
-    Setting("ul_clf5_s2", "UL, c_lf 5 (default), seed 2", seed=2),
-    # c_lf 5 leaves UL at about a tenth of the baselines' bits/pixel; c_lf 20 moves it towards theirs (the
-    # paper's comparisons are at equal bits), so that the headline is also compared at a higher bitrate.
-    Setting("ul_clf20", "UL, c_lf 20", ("model.decoder_weighting.factor=20.0",)),
-)
-DEFAULT_SEEDS = ("ul_clf5_s0", "ul_clf5_s1", "ul_clf5_s2")
-EVAL_NOISE_RUN = "ul_clf5_s0"
-CLF_SWEEP = {2.0: "ul_clf2", 3.0: "ul_clf3", 5.0: "ul_clf5_s0", 8.0: "ul_clf8", 20.0: "ul_clf20"}
-METRICS = ("bits_per_pixel_prior", "bits_per_pixel_base", "psnr", "rfd", "gfd")
+@dataclass
+class Study:
+    data: str
+    samples: int
+    eval_noise_point: str
+    families: dict[str, str]
+    points: dict[str, Point]
+    base_models: dict[str, BaseModel]
+    jobs: list[Job] = field(default_factory=list)
+    clf_sweep: dict[str, float] = field(default_factory=dict)  # UL points of the loss-factor sweep: {point: c_lf}
+    source: str = ""  # the study file
+
+
+def _keys(entry: dict, allowed: set[str], where: str) -> None:
+    unknown = set(entry) - allowed
+    if unknown:
+        raise StudyError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file (see ``docs/data/paper_claims.yaml``)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: expected a mapping with keys data, samples, families, points, jobs")
+    _keys(raw, {"data", "samples", "eval_noise_point", "families", "points", "base_models", "clf_sweep", "jobs"},
+          str(path))
+    families = dict(raw.get("families") or {})
+    points = {}
+    for name, entry in (raw.get("points") or {}).items():
+        _keys(entry, {"family", "label", "preset", "set"}, f"{path}: point {name}")
+        if entry.get("family") not in families:
+            raise StudyError(f"{path}: point {name} has family {entry.get('family')!r}, not one of {list(families)}")
+        points[name] = Point(name, entry["family"], entry.get("label", name), entry.get("preset", "tiny"),
+                             tuple(entry.get("set") or ()))
+    bases = {}
+    for name, entry in (raw.get("base_models") or {}).items():
+        _keys(entry, {"label", "set"}, f"{path}: base model {name}")
+        bases[name] = BaseModel(name, entry.get("label", name), tuple(entry.get("set") or ()))
+    samples = int(raw.get("samples", 1000))
+    jobs, trained = [], set()
+    for k, entry in enumerate(raw.get("jobs") or []):
+        where = f"{path}: job {k + 1} {entry}"
+        kinds = [kind for kind in ("train", "eval", "base", "metric_check") if kind in entry]
+        if len(kinds) != 1:
+            raise StudyError(f"{where}: give exactly one of train, eval, base, metric_check")
+        kind = kinds[0]
+        _keys(entry, {kind, "seed", "eval_seed", "samples", "of"}, where)
+        point = entry.get("of") if kind == "base" else entry.get(kind)
+        if kind != "metric_check" and point not in points:
+            raise StudyError(f"{where}: unknown point {point!r}")
+        if kind == "base" and entry["base"] not in bases:
+            raise StudyError(f"{where}: unknown base model {entry['base']!r}; expected one of {list(bases)}")
+        job = Job(kind, point or "", int(entry.get("seed", 0)), int(entry.get("eval_seed", 0)),
+                  int(entry.get("samples", samples)), entry["base"] if kind == "base" else "")
+        if job.needs and job.needs not in trained:
+            raise StudyError(f"{where}: needs `train: {job.point}` (seed {job.seed}) earlier in the jobs")
+        if kind == "train":
+            trained.add(job.run)
+        jobs.append(job)
+    eval_noise_point = raw.get("eval_noise_point", "")
+    if eval_noise_point and eval_noise_point not in points:
+        raise StudyError(f"{path}: eval_noise_point {eval_noise_point!r} is not a point")
+    clf_sweep = {name: float(c) for name, c in (raw.get("clf_sweep") or {}).items()}
+    unknown = [name for name in clf_sweep if name not in points]
+    if unknown:
+        raise StudyError(f"{path}: clf_sweep names unknown points {unknown}")
+    return Study(str(raw["data"]), samples, eval_noise_point, families, points, bases, jobs, clf_sweep, str(path))
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -99,295 +199,203 @@ def cli(*args: str, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_setting(setting: Setting, root: Path, data: str, samples: int) -> None:
-    """Train (or resume) and evaluate one setting; its timings go to ``RUN/study.json``."""
-    run = root / setting.name
-    if (run / "eval.json").exists():
+def train_settings(study: Study, job: Job) -> list[str]:
+    """The ``--set`` assignments of a train or base job (data, seed, the point's and the base model's)."""
+    point = study.points[job.point]
+    sets = [f"data.dataset={study.data}", f"train.seed={job.seed}", *point.overrides]
+    if job.kind == "base":
+        sets += [*study.base_models[job.base].overrides, "train.stage1_steps=0"]
+    return sets
+
+
+def _record(run: Path) -> dict:
+    path = run / STUDY_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _check_settings(run: Path, settings: dict) -> None:
+    """A run folder made from other settings than the study's now is refused: its scores would be mislabelled."""
+    recorded = _record(run).get("settings")
+    if recorded is not None and recorded != settings:
+        raise StudyError(f"{run} was made with {recorded}, the study file now says {settings}: move the folder "
+                         "away (or restore the study file) and run again")
+
+
+def _train(run: Path, preset: str, sets: list[str], log: Path, record: dict) -> None:
+    """Train (or resume) a run folder; its training time accumulates in ``record['train_s']``."""
+    if record.get("trained"):
         return
-    log = root / f"{setting.name}.log"
-    timing_path = run / "study.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"train_s": 0.0}
-    if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
-        timing["train_s"] += cli("train", "--resume", str(run), "--no-progress", log=log)
-    else:
-        timing["train_s"] += cli("train", *setting.train_args(data), "--out", str(run), "--overwrite",
-                                 "--no-progress", log=log)
-    timing_path.write_text(json.dumps(timing))
-    timing["eval_s"] = cli("eval", "--run", str(run), "--samples", str(samples), "--seed", "0", "--no-progress",
-                           log=log)
-    timing_path.write_text(json.dumps(timing))
-    print(f"[paper_claims {time.strftime('%H:%M:%S')}] {setting.name}: done", flush=True)
+    start = time.perf_counter()
+    try:
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
+            cli("train", "--resume", str(run), "--no-progress", log=log)
+        else:
+            cli("train", "--config", preset, *[a for s in sets for a in ("--set", s)], "--out", str(run),
+                "--overwrite", "--no-progress", log=log)
+        record["trained"] = True
+    finally:  # an interrupted attempt's time counts too
+        record["train_s"] = record.get("train_s", 0.0) + time.perf_counter() - start
+        write_json_atomically(run / STUDY_RECORD, record)
 
 
-def run_eval_noise(root: Path, samples: int) -> None:
-    """Score the default seed-0 run again with evaluation seeds :data:`EVAL_SEEDS`, into ``ROOT/eval_noise``
-    (a copy of the run's config and checkpoints, so that its own ``eval.json`` stays the seed-0 one)."""
-    source = root / EVAL_NOISE_RUN
-    for seed in EVAL_SEEDS:
-        copy = root / "eval_noise" / f"seed{seed}"
-        if (copy / "eval.json").exists() or not (source / "eval.json").exists():
-            continue
-        copy.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / "config.yaml", copy / "config.yaml")
-        if not (copy / "checkpoints").exists():
-            shutil.copytree(source / "checkpoints", copy / "checkpoints")
-        cli("eval", "--run", str(copy), "--samples", str(samples), "--seed", str(seed), "--no-progress",
-            log=root / "eval_noise.log")
+def _evaluate(run: Path, samples: int, seed: int, log: Path, record: dict) -> None:
+    record["eval_s"] = cli("eval", "--run", str(run), "--samples", str(samples), "--seed", str(seed),
+                           "--no-progress", log=log)
+    write_json_atomically(run / STUDY_RECORD, record)
+
+
+def prepare_base_init(source: Path, target: Path, preset: str, sets: list[str], seed: int) -> None:
+    """A checkpoint folder ``target`` for ``train.init_from``: the source run's EMA encoder, prior and decoder,
+    and a freshly initialised base model of the config ``preset`` + ``sets`` (its shape may differ)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ul_fast.config import load_config
+    from ul_fast.model import UnifiedLatents
+    from ul_fast.train.checkpoint import newest_readable_checkpoint, save_checkpoint
+
+    config = load_config(preset, sets)
+    torch.manual_seed(seed)
+    weights = UnifiedLatents(config.model).state_dict()
+    _, trained = newest_readable_checkpoint(source, lambda folder: load_file(folder / "ema.safetensors"))
+    stage1 = {k for k in trained if not k.startswith("base.")}
+    if stage1 != {k for k in weights if not k.startswith("base.")}:
+        raise StudyError(f"{source}'s stage 1 does not match the base job's config (only the base may differ)")
+    for key in stage1:
+        if trained[key].shape != weights[key].shape:
+            raise StudyError(f"{source}: {key} has shape {tuple(trained[key].shape)}, the base job's config "
+                             f"{tuple(weights[key].shape)}")
+        weights[key] = trained[key]
+    save_checkpoint(target, 0, weights, weights, {"stage": 1, "stage_step": 0, "init_for_base_job": str(source)})
+
+
+def run_job(study: Study, job: Job, root: Path) -> None:
+    """Do one job (resuming what an earlier, interrupted attempt left)."""
+    folder = root / job.folder
+    log = root / f"{job.folder}.log"
+    if job.kind == "metric_check":
+        from fd_degradations import degradation_scores
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(root / job.result, degradation_scores(study.data))
+        return
+    if job.kind == "eval":
+        settings = {"kind": "eval", "run": job.run, "samples": job.samples, "eval_seed": job.eval_seed}
+        folder.mkdir(parents=True, exist_ok=True)
+        _check_settings(folder, settings)
+        source = root / job.run
+        shutil.copy2(source / "config.yaml", folder / "config.yaml")
+        if not (folder / "checkpoints").exists():
+            shutil.copytree(source / "checkpoints", folder / "checkpoints")
+        record = {**_record(folder), "settings": settings}
+        _evaluate(folder, job.samples, job.eval_seed, log, record)
+        return
+    point = study.points[job.point]
+    sets = train_settings(study, job)
+    settings = {"kind": job.kind, "preset": point.preset, "set": sets}
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_settings(folder, settings)
+    record = {**_record(folder), "settings": settings}
+    write_json_atomically(folder / STUDY_RECORD, record)
+    if job.kind == "base":
+        init = root / f"{job.folder}.init"
+        sets = [*sets, f"train.init_from={init}"]
+        if not (init / "checkpoints" / "latest").exists():
+            prepare_base_init(root / job.run, init, point.preset, sets, job.seed)
+    _train(folder, point.preset, sets, log, record)
+    _evaluate(folder, job.samples, 0, log, record)
+
+
+def run_study(study_file: Path, root: Path, workers: int) -> list[str]:
+    """Run every job not done, ``workers`` at a time, in the study file's order (re-read after each job); a job
+    waits for the training run it needs. Each session's wall time so far goes to ``ROOT/study_wall_s.json``.
+    Returns the failures, one line each."""
+    running: dict[str, Future] = {}
+    failed: dict[str, str] = {}
+    wall = root / WALL_FILE
+    sessions = json.loads(wall.read_text()) if wall.exists() else []
+    session = {"start": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": 0.0}
+    sessions.append(session)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        while True:
+            study = load_study(study_file)
+            pending = [j for j in study.jobs if not (root / j.result).exists() and j.folder not in running
+                       and j.folder not in failed]
+            for job in pending:
+                if len(running) >= workers:
+                    break
+                if job.needs and not (root / job.needs / EVAL_FILE).exists():
+                    continue  # its training run is still queued or running
+                if job.needs in failed:
+                    failed[job.folder] = f"{job.folder}: its run {job.needs} failed"
+                    continue
+                print(f"[paper_claims {time.strftime('%H:%M:%S')}] start {job.folder}", flush=True)
+                running[job.folder] = pool.submit(run_job, study, job, root)
+            if not running:
+                return list(failed.values())
+            done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+            session["wall_s"] = time.perf_counter() - start
+            write_json_atomically(wall, sessions)
+            for name in [n for n, f in running.items() if f in done]:
+                error = running.pop(name).exception()
+                if error is not None:
+                    failed[name] = f"{name}: {error}"
+                outcome = f"failed: {error}" if error else "done"
+                print(f"[paper_claims {time.strftime('%H:%M:%S')}] {name}: {outcome}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- results
-def load_results(root: Path) -> dict[str, dict]:
-    """``{setting name: eval.json + study.json}`` of every finished run."""
-    results = {}
-    for setting in SETTINGS:
-        run = root / setting.name
-        if (run / "eval.json").exists():
-            results[setting.name] = {**json.loads((run / "eval.json").read_text()),
-                                     **json.loads((run / "study.json").read_text())}
-    return results
-
-
-def eval_noise(root: Path, results: dict[str, dict]) -> list[dict]:
-    """The default seed-0 run's scores under every evaluation seed measured (seed 0 first)."""
-    runs = [results[EVAL_NOISE_RUN]] if EVAL_NOISE_RUN in results else []
-    for seed in EVAL_SEEDS:
-        path = root / "eval_noise" / f"seed{seed}" / "eval.json"
-        if path.exists():
-            runs.append(json.loads(path.read_text()))
-    return runs
-
-
-def noise(root: Path, results: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Per metric: ``sigma`` (the larger of the training-seed and the evaluation-seed standard deviations, nan
-    with fewer than two values of either), ``threshold`` (the difference two runs need to count: t(0.975, n−1)·σ·√2)
-    and the two spreads."""
-    seeds = [results[n] for n in DEFAULT_SEEDS if n in results]
-    evals = eval_noise(root, results)
-    table = {}
-    for m in METRICS:
-        spreads = {name: (statistics.stdev(r[m] for r in runs), len(runs))
-                   for name, runs in (("seeds", seeds), ("eval", evals)) if len(runs) >= 2}
-        if not spreads:
-            table[m] = {"sigma": float("nan"), "threshold": float("nan")}
+def load_scores(study: Study, root: Path) -> frontiers.Scores:
+    """Every finished job's scores, keyed as :class:`frontiers.Scores` expects."""
+    scores = frontiers.Scores()
+    for job in study.jobs:
+        path = root / job.result
+        if not path.exists() or job.kind == "metric_check":
             continue
-        sigma, n = max(spreads.values())
-        table[m] = {"sigma": sigma, "threshold": T_975[min(n - 1, 4)] * sigma * 2 ** 0.5,
-                    **{f"sigma_{name}": value for name, (value, _) in spreads.items()}}
-    return table
-
-
-def verdict(difference: float, threshold: float, claimed_sign: int) -> str:
-    """A difference (b − a) against the claim that its sign is ``claimed_sign``, at the noise threshold."""
-    if threshold != threshold:  # nan: no spread measured yet
-        return "inconclusive (no seed spread)"
-    if abs(difference) <= threshold:
-        return "inconclusive at this scale"
-    return "reproduced" if difference * claimed_sign > 0 else "not reproduced"
-
-
-def fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or value != value else f"{value:.{digits}f}"
-
-
-def row(results: dict[str, dict], name: str) -> str:
-    r = results[name]
-    label = next(s.label for s in SETTINGS if s.name == name)
-    return (f"| {label} | {fmt(r['bits_per_pixel_prior'], 4)} | {fmt(r['bits_per_pixel_base'], 4)} | "
-            f"{fmt(r['psnr'], 2)} | {fmt(r['rfd'], 2)} | {fmt(r['gfd'], 2)} | {r['train_s'] / 60:.1f} |")
-
-
-HEADER = ("| setting | bits/pixel (prior) | bits/pixel (base) | PSNR dB | rFD | gFD | train min |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
-
-
-def compare(results: dict[str, dict], spread: dict[str, dict], a: str, b: str, metric: str, sign: int,
-            what: str) -> str:
-    """One line: metric of b against a, the claimed sign of (b − a), and the verdict."""
-    if a not in results or b not in results:
-        return f"- {what}: not measured (a run is missing)"
-    diff = results[b][metric] - results[a][metric]
-    threshold = spread[metric]["threshold"]
-    return (f"- {what}: {fmt(results[a][metric])} → {fmt(results[b][metric])} (difference {diff:+.3f}, "
-            f"threshold {fmt(threshold)}): **{verdict(diff, threshold, sign)}**")
-
-
-def monotone_claim(results: dict[str, dict], spread: dict[str, dict], metric: str, sign: int, what: str) -> str:
-    """A metric rising (sign +1) or falling (−1) along the c_lf sweep: each neighbour pair and end to end."""
-    points = [(c, results[n][metric]) for c, n in sorted(CLF_SWEEP.items()) if n in results]
-    if len(points) < 2:
-        return f"- {what}: not measured"
-    threshold = spread[metric]["threshold"]
-    steps = [b - a for (_, a), (_, b) in zip(points, points[1:])]
-    end = verdict(points[-1][1] - points[0][1], threshold, sign)
-    if any(d * sign < -threshold for d in steps):
-        end = "not reproduced (a step of the sweep goes the other way)"
-    values = ", ".join(f"{c:g}: {fmt(v)}" for c, v in points)
-    return f"- {what} ({values}; threshold {fmt(threshold)}): **{end}**"
-
-
-def optimum_claim(results: dict[str, dict], spread: dict[str, dict]) -> str:
-    """gFD has an interior optimum over c_lf: the best point is not an end and beats both ends beyond noise."""
-    points = [(c, results[n]["gfd"]) for c, n in sorted(CLF_SWEEP.items()) if n in results]
-    if len(points) < 3:
-        return "- gFD has an optimum in c_lf: not measured"
-    best = min(range(len(points)), key=lambda i: points[i][1])
-    margin = spread["gfd"]["threshold"]
-    values = ", ".join(f"{c:g}: {fmt(v, 2)}" for c, v in points)
-    if 0 < best < len(points) - 1 and all(points[i][1] - points[best][1] > margin for i in (0, -1)):
-        result = "reproduced"
-    elif best in (0, len(points) - 1) and abs(points[0][1] - points[-1][1]) > margin:
-        result = f"not reproduced (the best gFD is at the end c_lf = {points[best][0]:g})"
-    else:
-        result = "inconclusive at this scale"
-    return f"- gFD has an optimum in c_lf ({values}; threshold {fmt(margin, 2)}): **{result}**"
-
-
-def plot(results: dict[str, dict], path: Path) -> None:
-    """gFD, rFD and PSNR against bits/pixel (under the base model, comparable across every variant)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for axis, metric, title in zip(axes, ("gfd", "rfd", "psnr"), ("gFD", "rFD", "PSNR (dB)")):
-        for setting in SETTINGS:
-            if setting.name in results:
-                r = results[setting.name]
-                sweep = setting.name in CLF_SWEEP.values() or setting.name in DEFAULT_SEEDS
-                axis.scatter(r["bits_per_pixel_base"], r[metric], marker="o" if sweep else "s",
-                             color="C0" if sweep else "C3")
-                axis.annotate(setting.name, (r["bits_per_pixel_base"], r[metric]), fontsize=7)
-        sweep = [(results[n]["bits_per_pixel_base"], results[n][metric]) for _, n in sorted(CLF_SWEEP.items())
-                 if n in results]
-        if sweep:
-            axis.plot(*zip(*sweep), color="C0", alpha=0.5)
-        axis.set_xlabel("bits/pixel under the base model")
-        axis.set_title(title)
-    fig.suptitle("Fashion-MNIST 32×32, tiny preset, equal compute (blue: c_lf sweep and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(root: Path, out: Path, data: str, samples: int, wall_s: float | None) -> None:
-    results = load_results(root)
-    spread = noise(root, results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, out.with_suffix(".png"))
-    (out.parent / "data").mkdir(exist_ok=True)
-    (out.parent / "data" / f"{out.stem}.json").write_text(json.dumps(results, indent=1, default=str))
-    any_run = next(iter(results.values()), {})
-    lines = [
-        "# The paper's claims, measured on Fashion-MNIST",
-        "",
-        f"Written by `benchmarks/paper_claims.py` from {len(results)} of {len(SETTINGS)} runs in `{root}`. Data "
-        f"`{data}`; every run the `tiny` preset (or the variant named) at equal compute: batch 64, 1,700 stage-1 + "
-        "600 stage-2 steps (single-stage: 2,300 joint steps). Scores from `ul-fast eval` with "
-        f"{samples} held-out reconstructions and {samples} class-balanced samples, DDIM 32 + 32 steps, guidance 2, "
-        "seed 0, Fashion-MNIST classifier features (FD in its 256-d feature space, not Inception FID). "
-        f"Software: {any_run.get('versions', {})}; CPU: 2 shared cores, two runs at a time, one thread each"
-        + (f"; the whole study took {wall_s / 60:.0f} min." if wall_s else "."),
-        "",
-        "Noise: σ per metric is the larger of the standard deviation over the default setting's "
-        f"{sum(n in results for n in DEFAULT_SEEDS)} training seeds and over the default seed-0 run's "
-        f"{len(eval_noise(root, results))} evaluation seeds; a difference counts when it exceeds t(0.975, n − 1) · σ "
-        "· √2 (the 95 % prediction interval of a difference of two runs, n the number of values behind σ). So "
-        "few values make σ itself uncertain; the t quantile pays for that, and borderline verdicts stay borderline.",
-        "",
-        "| metric | σ over training seeds | σ over evaluation seeds | threshold |",
-        "| --- | --- | --- | --- |",
-        *[f"| {m} | {fmt(spread[m].get('sigma_seeds'), 4)} | {fmt(spread[m].get('sigma_eval'), 4)} | "
-          f"{fmt(spread[m]['threshold'], 4)} |" for m in METRICS],
-        "",
-        "## Loss factor sweep (paper Tab. 2)",
-        "",
-        HEADER,
-        *[row(results, n) for _, n in sorted(CLF_SWEEP.items()) if n in results],
-        "",
-        monotone_claim(results, spread, "bits_per_pixel_prior", +1, "bits/pixel rise with c_lf"),
-        monotone_claim(results, spread, "psnr", +1, "PSNR rises with c_lf"),
-        monotone_claim(results, spread, "rfd", -1, "rFD falls with c_lf"),
-        optimum_claim(results, spread),
-        "",
-        "## Prior and decoder ablations (paper Tab. 5)",
-        "",
-        HEADER,
-        *[row(results, n) for n in ("ul_clf5_s0", "normal_prior", "mse_decoder") if n in results],
-        "",
-        compare(results, spread, "ul_clf5_s0", "normal_prior", "gfd", +1,
-                "a N(0, I) prior generates worse than the diffusion prior (gFD)"),
-        compare(results, spread, "ul_clf5_s0", "mse_decoder", "gfd", +1,
-                "an MSE decoder generates worse than the diffusion decoder (gFD)"),
-        compare(results, spread, "ul_clf5_s0", "mse_decoder", "rfd", +1,
-                "an MSE decoder reconstructs worse in FD (rFD)"),
-        "",
-        "## Stop-gradient prior and λ_z(0) = 10 (paper Tab. 6 A, B)",
-        "",
-        HEADER,
-        *[row(results, n) for n in ("ul_clf5_s0", "stop_grad", "logsnr0_10") if n in results],
-        "",
-        compare(results, spread, "ul_clf5_s0", "stop_grad", "gfd", +1, "stop-gradient through the prior: worse gFD"),
-        compare(results, spread, "ul_clf5_s0", "logsnr0_10", "bits_per_pixel_prior", -1,
-                "λ_z(0) = 10 collapses the latent's bitrate (prior bits/pixel)"),
-        compare(results, spread, "ul_clf5_s0", "logsnr0_10", "psnr", -1,
-                "λ_z(0) = 10 collapses reconstruction (PSNR)"),
-        "",
-        "## Unified Latents against two-stage VAE + latent diffusion, and single-stage (the headline; App. B)",
-        "",
-        HEADER,
-        *[row(results, n) for n in ("ul_clf5_s0", "ul_clf5_s1", "ul_clf5_s2", "ul_clf20", "vae_ldm_s0",
-                                    "vae_ldm_s1", "mse_decoder", "single_stage") if n in results],
-        "",
-        compare(results, spread, "ul_clf5_s0", "vae_ldm_s0", "gfd", +1,
-                "UL generates better than the two-stage VAE + LDM at equal compute (gFD, seed 0)"),
-        compare(results, spread, "ul_clf5_s1", "vae_ldm_s1", "gfd", +1,
-                "the same, seed 1"),
-        compare(results, spread, "ul_clf20", "vae_ldm_s0", "gfd", +1,
-                "UL at a higher bitrate (c_lf 20) generates better than the two-stage VAE + LDM (gFD)"),
-        compare(results, spread, "ul_clf5_s0", "single_stage", "gfd", +1,
-                "single-stage generates worse than two-stage (gFD)"),
-        "",
-        f"![gFD, rFD and PSNR against bits/pixel]({out.with_suffix('.png').name})",
-        "",
-    ]
-    notes = out.with_suffix(".notes.md")
-    if notes.exists():  # the interpretation, written by a person after reading the numbers
-        lines += [notes.read_text().rstrip(), ""]
-    out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+        result = {**json.loads(path.read_text()), **_record(root / job.folder)}
+        scores.add(job.point, seed=job.seed, samples=job.samples, eval_seed=job.eval_seed,
+                   base=job.base or None, result=result)
+    return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder of the study's runs")
-    parser.add_argument("--data", default=f"fmnist:{DEBIAN_FASHION_MNIST_ROOT}")
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma-separated setting names (default all)")
+    parser.add_argument("--out", required=True, help="folder of the study's runs (outside git)")
+    parser.add_argument("--study", default=str(STUDY_FILE), help="the study file (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2, help="jobs at once (default 2)")
     parser.add_argument("--report", default="docs/paper_claims.md")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if data.startswith("fmnist:") and not Path(data.partition(":")[2], "train-images-idx3-ubyte.gz").exists():
-        warnings.warn(f"{data} not found: falling back to the embedded 5k/1k subset", stacklevel=1)
-        data = "fmnist-embedded"
-    wall_s = None
-    if not args.report_only:
-        chosen = [s for s in SETTINGS if not args.only or s.name in args.only.split(",")]
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_setting, s, root, data, args.samples) for s in chosen]:
-                future.result()
-        run_eval_noise(root, args.samples)
-        wall_s = time.perf_counter() - start
-        if not args.only:  # the whole study's time, not a part's
-            (root / "study_wall_s.txt").write_text(f"{wall_s:.0f}\n")
-    elif (root / "study_wall_s.txt").exists():
-        wall_s = float((root / "study_wall_s.txt").read_text())
-    write_report(root, Path(args.report), data, args.samples, wall_s)
+    try:
+        study = load_study(args.study)
+    except (StudyError, OSError, yaml.YAMLError) as error:
+        parser.exit(2, f"paper_claims: error: {error}\n")
+    data_dir = Path(study.data.partition(":")[2])
+    if study.data.startswith("fmnist:") and not (data_dir / "train-images-idx3-ubyte.gz").exists():
+        parser.exit(2, f"paper_claims: error: data {study.data}: {data_dir} holds no Fashion-MNIST\n")
+    failures = run_study(Path(args.study), root, args.jobs) if not args.report_only else []
+    study = load_study(args.study)
+    from paper_claims_report import write_report
+
+    wall = root / WALL_FILE
+    check = root / "metric_check" / METRIC_CHECK_FILE
+    if check.exists():  # what the degradations look like, beside the report (cheap: no features)
+        from fd_degradations import save_degradation_grid
+
+        save_degradation_grid(study.data, Path(args.report).with_name(f"{Path(args.report).stem}_degradations.png"))
+    write_report(study, load_scores(study, root), root, Path(args.report),
+                 metric_check=json.loads(check.read_text()) if check.exists() else None,
+                 wall_s=sum(s["wall_s"] for s in json.loads(wall.read_text())) if wall.exists() else None,
+                 missing=[j.folder for j in study.jobs if not (root / j.result).exists()])
+    for line in failures:
+        print(f"paper_claims: failed: {line}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The GPU benchmark scripts run end to end in their CPU smoke modes (so a lent GPU's minutes are not
-spent discovering a broken script); the claims study's verdict rules hold on synthetic scores."""
+spent discovering a broken script). The claims study's rules are tested in tests/test_paper_claims.py."""
 
 import json
 import subprocess
@@ -51,37 +51,3 @@ def test_attention_benchmark_smoke(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "triton_attention_adaln.json").read_text())
-
-
-def _paper_claims():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_claims"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_paper_claims_verdicts_follow_the_noise_threshold(tmp_path):
-    """The study's verdict rules on synthetic scores: σ is the larger spread (training or evaluation seeds), the
-    threshold t(0.975, n−1)·σ·√2, a sweep step against the claim fails it, an interior gFD minimum is an optimum."""
-    pc = _paper_claims()
-    base = {"bits_per_pixel_prior": 0.05, "bits_per_pixel_base": 0.05, "psnr": 18.0, "rfd": 8.0, "gfd": 9.0}
-    results = {name: dict(base, gfd=9.0 + 0.1 * k) for k, name in enumerate(pc.DEFAULT_SEEDS)}  # gfd σ = 0.1
-    spread = pc.noise(tmp_path, results)  # no evaluation-seed scores: the training seeds alone
-    assert abs(spread["gfd"]["threshold"] - 4.303 * 0.1 * 2 ** 0.5) < 1e-9
-    threshold = spread["gfd"]["threshold"]
-    assert pc.verdict(threshold * 1.01, threshold, +1) == "reproduced"
-    assert pc.verdict(-threshold * 1.01, threshold, +1) == "not reproduced"
-    assert pc.verdict(threshold * 0.99, threshold, +1) == "inconclusive at this scale"
-    for seed in pc.EVAL_SEEDS:  # a larger evaluation spread takes over
-        (tmp_path / "eval_noise" / f"seed{seed}").mkdir(parents=True)
-        (tmp_path / "eval_noise" / f"seed{seed}" / "eval.json").write_text(json.dumps(dict(base, gfd=9.0 + seed)))
-    assert abs(pc.noise(tmp_path, results)["gfd"]["sigma"] - 1.0) < 1e-9
-    sweep = {name: dict(base, psnr=p, gfd=g) for name, p, g in zip(
-        [pc.CLF_SWEEP[c] for c in sorted(pc.CLF_SWEEP)], (12, 19, 18, 20, 21), (16, 12, 9, 12, 16))}
-    results.update(sweep)
-    spread = pc.noise(tmp_path / "none", results)
-    assert "not reproduced" in pc.monotone_claim(results, spread, "psnr", +1, "PSNR rises")  # 19 → 18
-    assert "**reproduced**" in pc.optimum_claim(results, spread)
