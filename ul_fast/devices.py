@@ -3,6 +3,7 @@ machine's available memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,11 +29,8 @@ def available_memory() -> int | None:
     room left under the process's cgroup memory limit (v2 or v1, as in a container); elsewhere the free physical
     pages; None where the system tells none of these."""
     candidates = []
-    try:
-        with open("/proc/meminfo") as f:
-            candidates += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:  # no /proc: not Linux
+        candidates += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     v1 = "/sys/fs/cgroup/memory/memory."
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                          (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
