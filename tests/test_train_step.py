@@ -28,6 +28,7 @@ CASES = {
     "single stage, class-conditional": ({"mode": "single_stage"}, {"stage2_steps": 0}, 1),
     "normal prior and mse decoder": ({"latent_prior": "normal", "decoder_loss": "mse"}, {}, 1),
     "gradient accumulation": ({}, {"grad_accumulation": 2}, 1),
+    "activation checkpointing": ({}, {"activation_checkpointing": True}, 1),
 }
 
 
