@@ -112,16 +112,17 @@ def pooled_sd(groups: list[list[float]]) -> tuple[float, int]:
 
 
 def family_noise(scores: Scores, families: dict[str, list[str]], metric: str, samples: int,
-                 eval_point: str | None) -> dict[str, Noise]:
+                 eval_point: str | None, base: str | None = None) -> dict[str, Noise]:
     """σ per family for ``metric`` (see the module docstring): the larger of its pooled training-seed spread and
-    the evaluation-seed spread of ``eval_point``; families without seeds take the largest σ measured."""
-    evals = [r[metric] for r in scores.eval_seeds(eval_point, samples)] if eval_point else []
+    the evaluation-seed spread of ``eval_point``; families without seeds take the largest σ measured. ``base``:
+    the spread of the runs of that base model (evaluation seeds are scored under the preset's base only)."""
+    evals = [r[metric] for r in scores.eval_seeds(eval_point, samples)] if eval_point and base is None else []
     evals = [v for v in evals if v is not None]
     eval_noise = Noise(statistics.stdev(evals), len(evals) - 1, f"{len(evals)} evaluation seeds") \
         if len(evals) >= 2 else NO_NOISE
     table = {}
     for family, points in families.items():
-        groups = [[r[metric] for r in scores.seeds(p, samples) if r.get(metric) is not None] for p in points]
+        groups = [[r[metric] for r in scores.seeds(p, samples, base) if r.get(metric) is not None] for p in points]
         sd, dof = pooled_sd(groups)
         seeds = Noise(sd, dof, f"training seeds ({dof} degrees of freedom)") if dof else NO_NOISE
         candidates = [n for n in (seeds, eval_noise) if n.measured]
@@ -130,7 +131,7 @@ def family_noise(scores: Scores, families: dict[str, list[str]], metric: str, sa
     if measured:
         widest = max(measured, key=lambda n: n.sigma)
         for family, n in table.items():
-            has_seeds = any(len(scores.seeds(p, samples)) >= 2 for p in families[family])
+            has_seeds = any(len(scores.seeds(p, samples, base)) >= 2 for p in families[family])
             if not has_seeds and widest.sigma > (n.sigma if n.measured else -1):
                 table[family] = Noise(widest.sigma, widest.dof, "the widest family's training seeds (none of its own)")
     return table
