@@ -191,23 +191,26 @@ def sweep_section(study, scores, noise, samples: int) -> list[str]:
     sweep = [(p, c) for p, c in sorted(study.clf_sweep.items(), key=lambda item: item[1]) if scores.seeds(p, samples)]
     for metric, sign, what in ((BITS, +1, "bits/pixel rise with c_lf"), ("psnr", +1, "PSNR rises with c_lf"),
                                ("rfd", -1, "rFD falls with c_lf")):
-        values = [scores.mean(p, metric, samples)[0] for p, _ in sweep]
+        means = [scores.mean(p, metric, samples) for p, _ in sweep]
+        values, seeds = [m[0] for m in means], [m[1] for m in means]
         n = noise[metric]["ul"]
-        threshold = frontiers.t975(n.dof) * n.sigma * 2 ** 0.5 if n.measured else float("nan")
-        shown = ", ".join(f"{c:g}: {fmt(v, 3)}" for (_, c), v in zip(sweep, values))
-        lines.append(f"- {what} ({shown}; threshold {fmt(threshold)}): "
-                     f"**{frontiers.monotone_verdict(values, threshold, sign)}**")
+        shown = ", ".join(f"{c:g}: {fmt(v, 3)}{_seeds(k)}" for (_, c), v, k in zip(sweep, values, seeds))
+        lines.append(f"- {what} ({shown}; σ {fmt(n.sigma)}, ν {n.dof}): "
+                     f"**{frontiers.monotone_verdict(values, seeds, n, sign)}**")
     for base in [None, *bases]:
         sigma = sweep_noise(study, scores, noise, samples, base)
-        threshold = frontiers.t975(sigma.dof) * sigma.sigma * 2 ** 0.5 if sigma.measured else float("nan")
         found = [(scores.mean(p.name, BITS, samples)[0], scores.mean(p.name, "gfd", samples, base)) for p in ul]
-        found = [(bits, m[0]) for bits, m in found if m]
+        found = [(bits, m[0], m[1]) for bits, m in found if m]
         name = "the preset's base model" if base is None else f"base model `{base}` ({study.base_models[base].label})"
-        values = ", ".join(f"{bits:.3f}: {fmt(v, 2)}" for bits, v in found)
-        lines.append(f"- gFD has an interior optimum in the rate under {name} (bits/pixel: gFD {values}; threshold "
-                     f"{fmt(threshold, 2)} from σ {fmt(sigma.sigma, 2)}, {sigma.source}): "
-                     f"**{frontiers.optimum_verdict([v for _, v in found], threshold)}**")
+        values = ", ".join(f"{bits:.3f}: {fmt(v, 2)}{_seeds(k)}" for bits, v, k in found)
+        verdict = frontiers.optimum_verdict([v for _, v, _ in found], [k for _, _, k in found], sigma)
+        lines.append(f"- gFD has an interior optimum in the rate under {name} (bits/pixel: gFD {values}; "
+                     f"σ {fmt(sigma.sigma, 2)}, ν {sigma.dof}, {sigma.source}): **{verdict}**")
     return lines + [""]
+
+
+def _seeds(k: int) -> str:
+    return f" ({k} seeds)" if k > 1 else ""
 
 
 def sweep_noise(study, scores, noise, samples: int, base: str | None) -> Noise:
@@ -310,7 +313,8 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "(stage 2 alone) on each point's frozen stage 1, so only the base model differs from the preset's column; "
         "the weak base's own rate estimate is the last column. The c_lf trends use the 4-channel points. A weak "
         "base model's gFD is judged with the larger of UL's σ and the spread of its own runs over seeds (where a "
-        "point's stage 1 was trained with several seeds, the base is trained on each).",
+        "point's stage 1 was trained with several seeds, the base is trained on each). Along the sweep two means "
+        "over k₁ and k₂ seeds differ significantly beyond ``t(0.975, ν) · σ · √(1/k₁ + 1/k₂)``.",
         "",
         *sweep_section(study, scores, noise, samples),
         "## A second opinion on the metric: what the classifier's FD rewards",

@@ -109,11 +109,21 @@ def test_equal_bits_comparison_and_its_overall_verdict():
 
 
 def test_sweep_verdicts():
-    assert frontiers.monotone_verdict([12, 19, 18, 20, 21], 0.5, +1).startswith("not reproduced")  # 19 → 18
-    assert frontiers.monotone_verdict([12, 19, 18.8, 20, 21], 0.5, +1) == "reproduced"
-    assert frontiers.optimum_verdict([16, 12, 9, 12, 16], 2.0) == "reproduced"
-    assert frontiers.optimum_verdict([16, 12, 9, 8.5, 8], 2.0).startswith("not reproduced (the best is at the last")
-    assert frontiers.optimum_verdict([9, 8, 9.5], 2.0) == "inconclusive at this scale"
+    """Steps and ends of a sweep of means are judged at t·σ·√(1/k₁ + 1/k₂): seeds shrink the threshold."""
+    one = Noise(0.5 / (4.303 * math.sqrt(2)), 2, "synthetic")  # single runs: threshold 0.5
+    ones = [1] * 5
+    assert frontiers.monotone_verdict([12, 19, 18, 20, 21], ones, one, +1).startswith("not reproduced")  # 19 → 18
+    assert frontiers.monotone_verdict([12, 19, 18.8, 20, 21], ones, one, +1) == "reproduced"
+    assert frontiers.monotone_verdict([12, 12.4], [1, 1], one, +1) == "inconclusive at this scale"
+    assert frontiers.monotone_verdict([12, 12.4], [3, 3], one, +1) == "reproduced"  # threshold 0.5/√3 = 0.29
+    two = Noise(2.0 / (4.303 * math.sqrt(2)), 2, "synthetic")  # single runs: threshold 2
+    assert frontiers.optimum_verdict([16, 12, 9, 12, 16], ones, two) == "reproduced"
+    assert frontiers.optimum_verdict([16, 12, 9, 8.5, 8], ones, two).startswith("not reproduced (the best is at the")
+    assert frontiers.optimum_verdict([9, 8, 9.5], [1, 1, 1], two) == "inconclusive at this scale"
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [1, 1, 1], two) == "inconclusive at this scale"
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [3, 3, 3], two) == "reproduced"  # threshold 2·√(1/3) = 1.15
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [3, 3, 3], frontiers.NO_NOISE) == "inconclusive at this scale"
+    assert math.isclose(frontiers.pair_threshold(two, 3, 1), 2.0 * math.sqrt((1 / 3 + 1) / 2))
     assert frontiers.t975(2) == 4.303 and frontiers.t975(100) == frontiers.t975(30)
 
 
