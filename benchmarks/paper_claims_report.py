@@ -197,15 +197,20 @@ def sweep_section(study, scores, noise, samples: int) -> list[str]:
         shown = ", ".join(f"{c:g}: {fmt(v, 3)}{_seeds(k)}" for (_, c), v, k in zip(sweep, values, seeds))
         lines.append(f"- {what} ({shown}; σ {fmt(n.sigma)}, ν {n.dof}): "
                      f"**{frontiers.monotone_verdict(values, seeds, n, sign)}**")
+    # The optimum along the c_lf sweep alone (one latent shape, the paper's Tab. 2) and along every UL setting
+    # by bits (more channels reach rates c_lf alone does not).
+    sweeps = (("the c_lf sweep", [study.points[p] for p, _ in sweep]), ("every UL setting by bits", ul))
     for base in [None, *bases]:
         sigma = sweep_noise(study, scores, noise, samples, base)
-        found = [(scores.mean(p.name, BITS, samples)[0], scores.mean(p.name, "gfd", samples, base)) for p in ul]
-        found = [(bits, m[0], m[1]) for bits, m in found if m]
         name = "the preset's base model" if base is None else f"base model `{base}` ({study.base_models[base].label})"
-        values = ", ".join(f"{bits:.3f}: {fmt(v, 2)}{_seeds(k)}" for bits, v, k in found)
-        verdict = frontiers.optimum_verdict([v for _, v, _ in found], [k for _, _, k in found], sigma)
-        lines.append(f"- gFD has an interior optimum in the rate under {name} (bits/pixel: gFD {values}; "
-                     f"σ {fmt(sigma.sigma, 2)}, ν {sigma.dof}, {sigma.source}): **{verdict}**")
+        for what, points in sweeps:
+            found = [(scores.mean(p.name, BITS, samples)[0], scores.mean(p.name, "gfd", samples, base))
+                     for p in points]
+            found = [(bits, m[0], m[1]) for bits, m in found if m]
+            values = ", ".join(f"{bits:.3f}: {fmt(v, 2)}{_seeds(k)}" for bits, v, k in found)
+            verdict = frontiers.optimum_verdict([v for _, v, _ in found], [k for _, _, k in found], sigma)
+            lines.append(f"- gFD has an interior optimum along {what} under {name} (bits/pixel: gFD {values}; "
+                         f"σ {fmt(sigma.sigma, 2)}, ν {sigma.dof}, {sigma.source}): **{verdict}**")
     return lines + [""]
 
 
@@ -304,7 +309,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
     lines += [
         "## Verdicts at equal bits",
         "",
-        frontiers.__doc__.split("**Equal bits.**")[1].strip().replace("\n", " "),
+        frontiers.__doc__.split("**Equal bits.**")[1].split("**Sweeps.**")[0].strip().replace("\n", " "),
         "",
         *equal_lines,
         "## The loss-factor sweep and the base-model bottleneck (paper Tab. 2)",
@@ -313,8 +318,8 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "(stage 2 alone) on each point's frozen stage 1, so only the base model differs from the preset's column; "
         "the weak base's own rate estimate is the last column. The c_lf trends use the 4-channel points. A weak "
         "base model's gFD is judged with the larger of UL's σ and the spread of its own runs over seeds (where a "
-        "point's stage 1 was trained with several seeds, the base is trained on each). Along the sweep two means "
-        "over k₁ and k₂ seeds differ significantly beyond ``t(0.975, ν) · σ · √(1/k₁ + 1/k₂)``.",
+        "point's stage 1 was trained with several seeds, the base is trained on each). "
+        + frontiers.__doc__.split("**Sweeps.**")[1].strip().replace("\n", " "),
         "",
         *sweep_section(study, scores, noise, samples),
         "## A second opinion on the metric: what the classifier's FD rewards",
