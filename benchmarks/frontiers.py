@@ -18,6 +18,9 @@ value ``w·y₁ + (1 − w)·y₂`` of means over k₁ and k₂ seeds has varian
 difference counts when it exceeds ``t(0.975, ν) · √(σ_a²·c_a + σ_b²·c_b)``, ν the smaller of the two σ's degrees
 of freedom (for single runs at the same bits: the rule above). The uncertainty of the bits themselves (a few per
 cent over seeds) is not propagated.
+
+**Sweeps.** Along one family's sweep (the trends of c_lf, an interior optimum), two means over k₁ and k₂ seeds
+differ significantly beyond ``t(0.975, ν) · σ · √(1/k₁ + 1/k₂)``.
 """
 
 from __future__ import annotations
@@ -112,16 +115,17 @@ def pooled_sd(groups: list[list[float]]) -> tuple[float, int]:
 
 
 def family_noise(scores: Scores, families: dict[str, list[str]], metric: str, samples: int,
-                 eval_point: str | None) -> dict[str, Noise]:
+                 eval_point: str | None, base: str | None = None) -> dict[str, Noise]:
     """σ per family for ``metric`` (see the module docstring): the larger of its pooled training-seed spread and
-    the evaluation-seed spread of ``eval_point``; families without seeds take the largest σ measured."""
-    evals = [r[metric] for r in scores.eval_seeds(eval_point, samples)] if eval_point else []
+    the evaluation-seed spread of ``eval_point``; families without seeds take the largest σ measured. ``base``:
+    the spread of the runs of that base model (evaluation seeds are scored under the preset's base only)."""
+    evals = [r[metric] for r in scores.eval_seeds(eval_point, samples)] if eval_point and base is None else []
     evals = [v for v in evals if v is not None]
     eval_noise = Noise(statistics.stdev(evals), len(evals) - 1, f"{len(evals)} evaluation seeds") \
         if len(evals) >= 2 else NO_NOISE
     table = {}
     for family, points in families.items():
-        groups = [[r[metric] for r in scores.seeds(p, samples) if r.get(metric) is not None] for p in points]
+        groups = [[r[metric] for r in scores.seeds(p, samples, base) if r.get(metric) is not None] for p in points]
         sd, dof = pooled_sd(groups)
         seeds = Noise(sd, dof, f"training seeds ({dof} degrees of freedom)") if dof else NO_NOISE
         candidates = [n for n in (seeds, eval_noise) if n.measured]
@@ -130,7 +134,7 @@ def family_noise(scores: Scores, families: dict[str, list[str]], metric: str, sa
     if measured:
         widest = max(measured, key=lambda n: n.sigma)
         for family, n in table.items():
-            has_seeds = any(len(scores.seeds(p, samples)) >= 2 for p in families[family])
+            has_seeds = any(len(scores.seeds(p, samples, base)) >= 2 for p in families[family])
             if not has_seeds and widest.sigma > (n.sigma if n.measured else -1):
                 table[family] = Noise(widest.sigma, widest.dof, "the widest family's training seeds (none of its own)")
     return table
@@ -215,24 +219,37 @@ def overlap_factor(curve_a: list[FrontierPoint], curve_b: list[FrontierPoint]) -
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
-def monotone_verdict(values: list[float], threshold: float, sign: int) -> str:
-    """A metric rising (sign +1) or falling (−1) along a sweep: end to end, and no step against it."""
+def pair_threshold(noise: Noise, seeds_a: int, seeds_b: int) -> float:
+    """The smallest significant difference of two means over ``seeds_a`` and ``seeds_b`` runs:
+    ``t(0.975, ν) · σ · √(1/k_a + 1/k_b)`` (for single runs the first study's ``t · σ · √2``); nan unmeasured."""
+    if not noise.measured:
+        return float("nan")
+    return t975(noise.dof) * noise.sigma * math.sqrt(1 / seeds_a + 1 / seeds_b)
+
+
+def monotone_verdict(values: list[float], seeds: list[int], noise: Noise, sign: int) -> str:
+    """A metric rising (sign +1) or falling (−1) along a sweep of means (over ``seeds`` runs each): end to end,
+    and no step significantly against it."""
     if len(values) < 2:
         return "not measured"
-    if any((b - a) * sign < -threshold for a, b in zip(values, values[1:])):
+    steps = zip(values, values[1:], seeds, seeds[1:])
+    if any((b - a) * sign < -pair_threshold(noise, ka, kb) for a, b, ka, kb in steps):
         return "not reproduced (a step of the sweep goes the other way)"
-    return verdict(values[-1] - values[0], threshold, sign)
+    return verdict(values[-1] - values[0], pair_threshold(noise, seeds[0], seeds[-1]), sign)
 
 
-def optimum_verdict(values: list[float], threshold: float) -> str:
-    """A (lower-is-better) metric has an interior optimum along a sweep: the best point is not an end and beats
-    both ends by more than ``threshold``; the best at an end, beyond the threshold: not reproduced."""
+def optimum_verdict(values: list[float], seeds: list[int], noise: Noise) -> str:
+    """A (lower-is-better) metric has an interior optimum along a sweep of means (over ``seeds`` runs each): the
+    best point is not an end and beats both ends significantly; the best at an end, significantly better than the
+    other end: not reproduced."""
     if len(values) < 3:
         return "not measured"
     best = min(range(len(values)), key=values.__getitem__)
-    if 0 < best < len(values) - 1 and all(values[i] - values[best] > threshold for i in (0, -1)):
+    last = len(values) - 1
+    if 0 < best < last and all(values[i] - values[best] > pair_threshold(noise, seeds[i], seeds[best])
+                               for i in (0, last)):
         return "reproduced"
-    if best in (0, len(values) - 1) and abs(values[0] - values[-1]) > threshold:
+    if best in (0, last) and abs(values[0] - values[last]) > pair_threshold(noise, seeds[0], seeds[last]):
         return f"not reproduced (the best is at the {'first' if best == 0 else 'last'} point)"
     return INCONCLUSIVE
 

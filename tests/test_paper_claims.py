@@ -53,6 +53,32 @@ def test_pooled_noise_and_the_larger_evaluation_spread():
     assert frontiers.family_noise(frontiers.Scores(), {"ul": ["a"]}, "gfd", 1000, "a")["ul"].measured is False
 
 
+def test_a_weak_base_is_judged_by_the_larger_of_ul_sigma_and_its_own_seed_spread(tmp_path):
+    """The weak base's runs on several seeds give their own σ; the sweep's threshold takes it when it is larger
+    than UL's (preset base), never a smaller one; the preset's evaluation seeds do not count for another base."""
+    import paper_claims_report
+
+    study = _study(tmp_path)
+    scores = frontiers.Scores()
+    for seed, gfd in enumerate((9.0, 9.1, 9.2)):  # UL σ 0.1 (ν 2)
+        scores.add("ul_a", seed=seed, samples=1000, result=dict(BASE, gfd=gfd))
+    scores.add("ul_a", seed=0, samples=1000, eval_seed=1, result=dict(BASE, gfd=9.05))
+    for seed, gfd in enumerate((15.0, 17.0, 16.0)):  # weak base σ 1.0 (ν 2)
+        scores.add("ul_a", seed=seed, samples=1000, base="weak", result=dict(BASE, gfd=gfd))
+    families = {"ul": ["ul_a", "ul_b"]}
+    weak = frontiers.family_noise(scores, families, "gfd", 1000, "ul_a", base="weak")["ul"]
+    assert math.isclose(weak.sigma, 1.0) and weak.dof == 2 and weak.source.startswith("training seeds")
+    noise = paper_claims_report._noise_tables(study, scores, 1000)
+    assert math.isclose(noise["gfd"]["ul"].sigma, 0.1)
+    chosen = paper_claims_report.sweep_noise(study, scores, noise, 1000, "weak")
+    assert math.isclose(chosen.sigma, 1.0) and "`weak`" in chosen.source
+    assert paper_claims_report.sweep_noise(study, scores, noise, 1000, None) == noise["gfd"]["ul"]
+    calm = frontiers.Scores()
+    calm.records = {k: (dict(r, gfd=16.0 + 0.01 * k[1]) if k[4] == "weak" else r) for k, r in scores.records.items()}
+    calm_noise = paper_claims_report._noise_tables(study, calm, 1000)
+    assert paper_claims_report.sweep_noise(study, calm, calm_noise, 1000, "weak") == calm_noise["gfd"]["ul"]
+
+
 def test_interpolation_is_linear_in_log_bits_with_its_variance_factor():
     curve = [FrontierPoint("a", 0.1, 10.0, 1), FrontierPoint("b", 0.4, 4.0, 3)]
     value, factor = frontiers.interpolate(curve, 0.2)  # the geometric middle: w = 1/2
@@ -83,11 +109,21 @@ def test_equal_bits_comparison_and_its_overall_verdict():
 
 
 def test_sweep_verdicts():
-    assert frontiers.monotone_verdict([12, 19, 18, 20, 21], 0.5, +1).startswith("not reproduced")  # 19 → 18
-    assert frontiers.monotone_verdict([12, 19, 18.8, 20, 21], 0.5, +1) == "reproduced"
-    assert frontiers.optimum_verdict([16, 12, 9, 12, 16], 2.0) == "reproduced"
-    assert frontiers.optimum_verdict([16, 12, 9, 8.5, 8], 2.0).startswith("not reproduced (the best is at the last")
-    assert frontiers.optimum_verdict([9, 8, 9.5], 2.0) == "inconclusive at this scale"
+    """Steps and ends of a sweep of means are judged at t·σ·√(1/k₁ + 1/k₂): seeds shrink the threshold."""
+    one = Noise(0.5 / (4.303 * math.sqrt(2)), 2, "synthetic")  # single runs: threshold 0.5
+    ones = [1] * 5
+    assert frontiers.monotone_verdict([12, 19, 18, 20, 21], ones, one, +1).startswith("not reproduced")  # 19 → 18
+    assert frontiers.monotone_verdict([12, 19, 18.8, 20, 21], ones, one, +1) == "reproduced"
+    assert frontiers.monotone_verdict([12, 12.4], [1, 1], one, +1) == "inconclusive at this scale"
+    assert frontiers.monotone_verdict([12, 12.4], [3, 3], one, +1) == "reproduced"  # threshold 0.5/√3 = 0.29
+    two = Noise(2.0 / (4.303 * math.sqrt(2)), 2, "synthetic")  # single runs: threshold 2
+    assert frontiers.optimum_verdict([16, 12, 9, 12, 16], ones, two) == "reproduced"
+    assert frontiers.optimum_verdict([16, 12, 9, 8.5, 8], ones, two).startswith("not reproduced (the best is at the")
+    assert frontiers.optimum_verdict([9, 8, 9.5], [1, 1, 1], two) == "inconclusive at this scale"
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [1, 1, 1], two) == "inconclusive at this scale"
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [3, 3, 3], two) == "reproduced"  # threshold 2·√(1/3) = 1.15
+    assert frontiers.optimum_verdict([9.8, 8, 9.9], [3, 3, 3], frontiers.NO_NOISE) == "inconclusive at this scale"
+    assert math.isclose(frontiers.pair_threshold(two, 3, 1), 2.0 * math.sqrt((1 / 3 + 1) / 2))
     assert frontiers.t975(2) == 4.303 and frontiers.t975(100) == frontiers.t975(30)
 
 
