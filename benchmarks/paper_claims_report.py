@@ -96,7 +96,7 @@ def plot(study, scores, metric_check: dict | None, samples: int, path: Path) -> 
         axis.set_xscale("log")
         axis.set_xlabel("bits/pixel under the base model")
         axis.set_title(NAMES[metric] + (" (lower is better)" if frontiers.LOWER_IS_BETTER[metric] else ""))
-    axes[0, 0].legend(fontsize=7)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # below every panel
     axis = axes[1, 1]
     ul = [p.name for p in study.points.values() if p.family == "ul"]
     for k, base in enumerate([None, *study.base_models]):
@@ -120,7 +120,7 @@ def plot(study, scores, metric_check: dict | None, samples: int, path: Path) -> 
     axis.set_xlabel("PSNR of the degraded test set (dB)")
     axis.set_title("FD against the clean test set (blur σ px / noise std)")
     fig.suptitle(f"Fashion-MNIST 32×32, tiny scale, equal compute per run; {samples} samples per score")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
