@@ -214,6 +214,15 @@ def sweep_section(study, scores, noise, samples: int) -> list[str]:
     return lines + [""]
 
 
+def _in_repository(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (the report is committed), else as given."""
+    repository = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(repository))
+    except ValueError:
+        return path
+
+
 def _seeds(k: int) -> str:
     return f" ({k} seeds)" if k > 1 else ""
 
@@ -269,7 +278,8 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
     lines = [
         "# The paper's claims at equal bits, measured on Fashion-MNIST",
         "",
-        f"Written by `benchmarks/paper_claims.py` from the study file `{study.source}` and the runs in `{root}` "
+        f"Written by `benchmarks/paper_claims.py` from the study file `{_in_repository(study.source)}` and the runs "
+        f"in `{root}` "
         f"({time.strftime('%Y-%m-%d')}): {len(scores.records)} scored runs. Data `{study.data}` ({reference} "
         "training images behind every gFD). Every point is the `tiny` preset (or the variant named) at equal "
         "compute: batch 64, 1,700 stage-1 + 600 stage-2 steps (single-stage: 2,300 joint steps). Scores from "
