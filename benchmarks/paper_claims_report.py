@@ -223,6 +223,12 @@ def _in_repository(path: str) -> str:
         return path
 
 
+def _rule(name: str) -> str:
+    """The paragraph ``**NAME.** …`` of ``frontiers``' docstring (the statistics' rules, written once), one line."""
+    text = frontiers.__doc__.split(f"**{name}.**")[1]
+    return text.split("\n\n")[0].strip().replace("\n", " ")
+
+
 def _seeds(k: int) -> str:
     return f" ({k} seeds)" if k > 1 else ""
 
@@ -294,7 +300,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "",
         "## Noise and the rule for a verdict",
         "",
-        frontiers.__doc__.split("**Noise.**")[1].split("**Frontier.**")[0].strip().replace("\n", " "),
+        _rule("Noise"),
         "",
         "| metric | " + " | ".join(study.families) + " |",
         "| --- | " + " | ".join("---" for _ in study.families) + " |",
@@ -306,7 +312,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "",
         "## Rate–quality frontiers",
         "",
-        frontiers.__doc__.split("**Frontier.**")[1].split("**Equal bits.**")[0].strip().replace("\n", " "),
+        _rule("Frontier"),
         "",
         f"![gFD, rFD, PSNR and gKID against bits/pixel; the bottleneck sweep; the metric check]"
         f"({out.with_suffix('.png').name})",
@@ -319,7 +325,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
     lines += [
         "## Verdicts at equal bits",
         "",
-        frontiers.__doc__.split("**Equal bits.**")[1].split("**Sweeps.**")[0].strip().replace("\n", " "),
+        _rule("Equal bits"),
         "",
         *equal_lines,
         "## The loss-factor sweep and the base-model bottleneck (paper Tab. 2)",
@@ -329,7 +335,7 @@ def write_report(study, scores: frontiers.Scores, root: Path, out: Path, *, metr
         "the weak base's own rate estimate is the last column. The c_lf trends use the 4-channel points. A weak "
         "base model's gFD is judged with the larger of UL's σ and the spread of its own runs over seeds (where a "
         "point's stage 1 was trained with several seeds, the base is trained on each). "
-        + frontiers.__doc__.split("**Sweeps.**")[1].strip().replace("\n", " "),
+        + _rule("Sweeps"),
         "",
         *sweep_section(study, scores, noise, samples),
         "## A second opinion on the metric: what the classifier's FD rewards",
